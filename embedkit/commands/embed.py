@@ -1,0 +1,89 @@
+"""``embedkit embed`` and ``embedkit encoders``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import EmbedkitError
+
+
+@click.command()
+@click.argument("source", nargs=-1, required=True, type=click.Path())
+@click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False), help="HDF5 store to create or add to.")
+@click.option("--encoder", default="efficientnet_lite0", show_default=True, help="Registry name, timm:<name> or hf:<repo|folder>.")
+@click.option("--weights", type=click.Path(), help="Local checkpoint: .pth/.safetensors file (official DINOv2/v3 too) or a transformers folder.")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "cls+mean"]), help="ViT pooling (register tokens are always excluded).")
+@click.option("--image-size", type=int, help="Input size; ViTs interpolate position embeddings to it.")
+@click.option("--key", help="Embedding key in the store [default: derived from the encoder name].")
+@click.option("--group-by", help="Group rule: a manifest column, a preset (mitocheck, parent, file) or a regex with capture groups.")
+@click.option("--channels", help="Map source channels to RGB, e.g. '0' (gray), '2,1,0', '1,0,-'. Needed for >4 channels.")
+@click.option("--percentiles", default="1,99.8", show_default=True, help="Robust LOW,HIGH percentiles for 16-bit/float images.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", type=click.IntRange(0), help="Decoding worker processes [default: 1 on CPU, up to 8 on GPU].")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Stored vector precision.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable or missing images and list them in a report, instead of stopping.")
+@click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
+@click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, quiet):
+    """Embed images with a frozen encoder into an HDF5 store.
+
+    \b
+    SOURCE is one of:
+      a folder of class folders     (label = folder name)
+      a CSV manifest                (columns path,label,group; other columns are kept as metadata)
+      a folder or list of images    (no labels)
+      the store itself              (embeds the cell crops that 'embedkit segment' saved)
+
+    An interrupted run resumes where it stopped when the same command is run again.
+    """
+    from ..embed import embed as run_embed
+    from ..encoders import create_encoder
+    from ..images import Conversion, parse_channels, parse_percentiles
+    from ..sources import discover
+
+    conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
+    if len(source) == 1 and os.path.abspath(source[0]) == os.path.abspath(store_path):
+        src = store_path
+    else:
+        src = discover(list(source), group_by=group_by)
+        labelled = sum(bool(it.label) for it in src.items)
+        click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
+                   f"{len({it.group for it in src.items})} groups)", err=True)
+    enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
+    res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
+                    dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet)
+    msg = (f"embedded {res.n_embedded} images into {res.store} under key '{res.key}' "
+           f"({res.images_per_second:.1f} img/s, dim {enc.dim})")
+    if res.n_resumed:
+        msg += f"; {res.n_resumed} were already done"
+    click.echo(msg)
+    if res.skipped:
+        click.echo(f"skipped {len(res.skipped)} bad images; list in {res.report}", err=True)
+
+
+@click.command()
+@click.option("--local", is_flag=True, help="Only encoders whose weights are present on this machine.")
+def encoders(local):
+    """List the encoder registry and whether each one's weights are present locally."""
+    from ..encoders import list_encoders, weights_status
+
+    rows = []
+    for spec in list_encoders():
+        status = weights_status(spec)
+        if local and not status.startswith("present"):
+            continue
+        pool = spec.pooling or "avg"
+        rows.append((spec.name, spec.family, str(spec.dim), str(spec.preprocess.size), pool, status))
+    widths = [max(len(r[i]) for r in rows + [("name", "family", "dim", "size", "pool", "weights")]) for i in range(5)]
+    header = ("name", "family", "dim", "size", "pool", "weights")
+    for r in [header] + rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    click.echo("\nAlso: timm:<model name> and hf:<repo id or folder>; --weights PATH loads a local checkpoint.")
+
+
+COMMANDS = [embed, encoders]

@@ -1,0 +1,47 @@
+"""``embedkit info`` and ``embedkit export``: look into a store and hand it to other tools."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+def info(store):
+    """Summarise a store: items, labels, groups and embedding keys with their provenance."""
+    from ..store import Store
+
+    s = Store(store)
+    attrs = s.attrs
+    n = len(s)
+    click.echo(f"{store}: schema {attrs.get('schema_version')}, embedkit {attrs.get('embedkit_version')}, created {attrs.get('created')}")
+    if n:
+        labels = s.labels
+        counts: dict[str, int] = {}
+        for lab in labels:
+            counts[lab or "(none)"] = counts.get(lab or "(none)", 0) + 1
+        click.echo(f"items: {n}  groups: {len(set(s.groups))}  pixels: {'yes' if s.has_pixels else 'no'}  root: {s.root}")
+        click.echo("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    for key in s.keys:
+        cfg = s.config(key)
+        done = s.done(key)
+        click.echo(f"embeddings/{key}: {cfg.get('encoder')} dim {cfg.get('dim')} {cfg.get('dtype')}, "
+                   f"{int(done.sum())}/{len(done)} done, pooling {cfg.get('pooling') or 'avg'}, "
+                   f"size {cfg.get('preprocess', {}).get('size')}, weights {cfg.get('weights')} [{cfg.get('weights_fingerprint')}]")
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--encoder", "key", help="Embedding key or encoder name [default: the only one].")
+@click.option("--format", "fmt", type=click.Choice(["h5ad", "csv", "npy"]), default="h5ad", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Output file [default: next to the store].")
+@click.option("--all-rows", is_flag=True, help="Include items without a vector (as NaN rows).")
+def export(store, key, fmt, out, all_rows):
+    """Export one embedding key with its items: AnnData (.h5ad, for scanpy), CSV, or NumPy (.npy + .csv)."""
+    from ..export import export_embeddings
+
+    path = export_embeddings(store, key, fmt, out, only_done=not all_rows)
+    click.echo(f"wrote {path}")
+
+
+COMMANDS = [info, export]

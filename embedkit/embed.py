@@ -1,0 +1,294 @@
+"""The embedding engine: source -> DataLoader (parallel decode) -> frozen encoder -> journal -> store.
+
+Progress is journalled in atomically written chunks beside the store, so an interrupted run (even
+``kill -9``) resumes where it stopped and ends with the same vectors as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import store as st
+from .encoders import Encoder, Preprocess
+from .errors import BadImageError, EmbedkitError
+from .images import Conversion, load_rgb
+from .sources import Source
+
+
+def to_tensor(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize)."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    if pre.resize == "pad" and h != w:
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        x = F.pad(x, (left, s - w - left, top, s - h - top))
+    if x.shape[1] != pre.size or x.shape[2] != pre.size:
+        mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic", "nearest") else "bicubic"
+        kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+        x = F.interpolate(x[None], size=(pre.size, pre.size), mode=mode, **kw)[0]
+        if mode == "bicubic":
+            x = x.clamp_(0.0, 1.0)
+    mean = torch.tensor(pre.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(pre.std, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes files (or store pixels) into encoder-ready tensors; a bad file yields its error instead."""
+
+    def __init__(self, entries: Sequence[tuple[str, str]], pre: Preprocess, conv: Conversion,
+                 store_path: str | None = None, store_rows: Sequence[int] | None = None):
+        self.entries = list(entries)  # (item id, absolute path)
+        self.pre, self.conv = pre, conv
+        self.store_path, self.store_rows = store_path, store_rows
+        self._h5 = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _rgb(self, i: int) -> np.ndarray:
+        if self.store_path is None:
+            return load_rgb(self.entries[i][1], self.conv)
+        import h5py
+
+        from .images import to_rgb
+
+        if self._h5 is None:
+            self._h5 = h5py.File(self.store_path, "r")
+        return to_rgb(self._h5["pixels"][self.store_rows[i]], self.conv, self.entries[i][1])
+
+    def __getitem__(self, i: int):
+        item_id = self.entries[i][0]
+        try:
+            return item_id, to_tensor(self._rgb(i), self.pre), None
+        except BadImageError as exc:
+            return item_id, None, exc.reason
+
+
+def collate(batch):
+    ids = [b[0] for b in batch]
+    good = [b for b in batch if b[1] is not None]
+    bad = [(b[0], b[2]) for b in batch if b[1] is None]
+    x = torch.stack([b[1] for b in good]) if good else None
+    return ids, [b[0] for b in good], x, bad
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedkitError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(device)
+
+
+@dataclass
+class EmbedResult:
+    store: str
+    key: str
+    n_items: int
+    n_embedded: int
+    n_resumed: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    report: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_config(encoder: Encoder, conv: Conversion, dtype: str) -> dict:
+    cfg = dict(encoder.config)
+    cfg["conversion"] = conv.to_dict()
+    cfg["dtype"] = dtype
+    return cfg
+
+
+def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder, *, key: str | None = None,
+          conv: Conversion = Conversion(), device: str = "auto", batch_size: int = 32, workers: int | None = None,
+          dtype: str = "float32", skip_bad: bool = False, checkpoint_rows: int = 1024, progress: bool = True,
+          report_path: str | None = None) -> EmbedResult:
+    """Embed every item of ``source`` (or a store's own pixels when ``source`` is the store path) into the store.
+
+    Re-running after an interruption resumes from the journal; vectors already in the store are kept.
+    """
+    store_path = str(store_path)
+    key = key or st.key_for(encoder.spec.name)
+    cfg = run_config(encoder, conv, dtype)
+    cfg_fp = st.fingerprint(st.comparable_config(cfg))
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    with st.write_lock(store_path):
+        from_store = isinstance(source, str)
+        if from_store:
+            if os.path.abspath(source) != os.path.abspath(store_path):
+                raise EmbedkitError("to embed a store's pixels, pass the same store as SOURCE and --store")
+            s = st.Store(store_path)
+            if not s.has_pixels:
+                raise EmbedkitError(f"{store_path} holds no pixels; embed from the image files instead")
+            ids = list(s.ids)
+            entries = [(i, f"{store_path}[{r}]") for r, i in enumerate(ids)]
+        else:
+            _prepare_items(source, store_path, skip_bad)
+            ids = [it.id for it in source.items]
+            entries = [(it.id, source.abspath(it)) for it in source.items]
+        s = st.Store(store_path)
+        row_of = {i: r for r, i in enumerate(s.ids)}
+        done = np.zeros(len(row_of), dtype=bool)
+        if key in s.keys:
+            old = s.config(key)
+            if st.fingerprint(st.comparable_config(old)) != cfg_fp:
+                raise EmbedkitError(st.config_mismatch_message(key, old, cfg))
+            done = s.done(key)
+        journal = st.Journal(store_path, key)
+        journal.start({"config": cfg, "config_fingerprint": cfg_fp, "batch_size": batch_size})
+        journalled = {str(i) for c in journal.iter_chunks() for i in c["ids"]}
+        bad_before = journal.read_json("skipped.json", [])
+        todo = [(i, p) for i, p in entries if not done[row_of[i]] and i not in journalled]
+        missing = [(i, p) for i, p in todo if not os.path.exists(p)] if not from_store else []
+        if missing and not skip_bad:
+            raise BadImageError(missing[0][1], f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                f"fix the source or pass --skip-bad to skip and list them")
+        n_resumed = len(entries) - len(todo)
+        skipped = [tuple(b) for b in bad_before]
+        if todo:
+            ds = ImageDataset(todo, encoder.preprocess, conv, store_path if from_store else None,
+                              [row_of[i] for i, _ in todo] if from_store else None)
+            skipped += _run(ds, encoder, journal, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
+                            total=len(entries), initial=n_resumed)
+            journal.write_json("skipped.json", [list(b) for b in skipped])
+        report = _write_report(skipped, report_path or f"{os.path.splitext(store_path)[0]}.{key}.skipped.csv") if skipped else None
+        with st.transaction(store_path) as f:
+            g = st.ensure_embedding(f, key, encoder.dim, dtype, cfg)
+            for chunk in journal.iter_chunks():
+                rows = np.array([row_of[str(i)] for i in chunk["ids"]], dtype=np.int64)
+                ok = chunk["ok"]
+                _write_rows(g["vectors"], rows[ok], chunk["vectors"][ok])
+                _write_rows(g["done"], rows[ok], np.ones(int(ok.sum()), dtype=bool))
+            g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
+            g.attrs["modified"] = st.now_iso()
+        journal.discard()
+    n_new = len(todo) - len([b for b in skipped if b not in bad_before])
+    return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report)
+
+
+def _write_rows(ds, rows: np.ndarray, values: np.ndarray) -> None:
+    if len(rows) == 0:
+        return
+    order = np.argsort(rows)
+    rows, values = rows[order], values[order]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for seg_rows, seg_vals in zip(np.split(rows, breaks), np.split(values, breaks)):
+        ds[seg_rows[0]:seg_rows[-1] + 1] = seg_vals
+
+
+def _prepare_items(source: Source, store_path: str, skip_bad: bool) -> None:
+    """Make sure the store exists and holds every item of the source (new ones are appended)."""
+    if os.path.exists(store_path):
+        s = st.Store(store_path)
+        known = set(s.ids) if len(s) else set()
+        new = [it for it in source.items if it.id not in known]
+        if not new:
+            return
+    else:
+        new = list(source.items)
+    if not skip_bad:
+        missing = [it for it in new if not os.path.exists(source.abspath(it))]
+        if missing:
+            raise BadImageError(source.abspath(missing[0]), f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                f"fix the source or pass --skip-bad to skip and list them")
+    with st.transaction(store_path) as f:
+        st.write_items(f, new, source.root)
+
+
+def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.device, batch_size: int,
+         workers: int | None, dtype: str, skip_bad: bool, checkpoint_rows: int, progress: bool,
+         total: int, initial: int) -> list[tuple[str, str]]:
+    from tqdm.auto import tqdm
+
+    cuda = dev.type == "cuda"
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if cuda else (1 if (os.cpu_count() or 1) > 1 else 0)
+    if not cuda:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=cuda,
+        worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+    model = encoder.to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else contextlib.nullcontext()
+    skipped: list[tuple[str, str]] = []
+    buf_ids: list[str] = []
+    buf_vecs: list[np.ndarray] = []
+    buf_ok: list[np.ndarray] = []
+    last_flush = time.monotonic()
+    np_dtype = np.dtype(dtype)
+    path_of = dict(ds.entries)
+
+    def flush():
+        nonlocal buf_ids, buf_vecs, buf_ok, last_flush
+        if buf_ids:
+            journal.write_chunk(ids=np.array(buf_ids, dtype=str), vectors=np.concatenate(buf_vecs).astype(np_dtype),
+                                    ok=np.concatenate(buf_ok))
+        buf_ids, buf_vecs, buf_ok, last_flush = [], [], [], time.monotonic()
+
+    bar = tqdm(total=total, initial=initial, unit="img", desc=f"embed {encoder.spec.name}", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        with torch.inference_mode(), amp:
+            for ids, good_ids, x, bad in loader:
+                if bad and not skip_bad:
+                    item, reason = bad[0]
+                    raise BadImageError(path_of[item], f"{reason}; fix or remove it, or pass --skip-bad to skip and list bad files "
+                                              f"(progress so far is kept and resumes)")
+                skipped += [(path_of[i], r) for i, r in bad]
+                vecs = np.full((len(ids), encoder.dim), np.nan, dtype=np.float32)
+                ok = np.zeros(len(ids), dtype=bool)
+                if x is not None:
+                    x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+                    out = model(x).float().cpu().numpy()
+                    pos = {i: k for k, i in enumerate(ids)}
+                    idx = [pos[i] for i in good_ids]
+                    vecs[idx] = out
+                    ok[idx] = True
+                buf_ids += ids
+                buf_vecs.append(vecs)
+                buf_ok.append(ok)
+                bar.update(len(ids))
+                if len(buf_ids) >= checkpoint_rows or time.monotonic() - last_flush > 60:
+                    flush()
+        flush()
+    finally:
+        bar.close()
+    return skipped
+
+
+def _write_report(skipped: list[tuple[str, str]], path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+    return path

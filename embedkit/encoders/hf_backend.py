@@ -1,0 +1,104 @@
+"""Encoders loaded through Hugging Face transformers (DINOv2, DINOv3, any ``hf:<repo>``).
+
+Official checkpoint files (``.pth``/``.safetensors`` in Meta's key layout) are loaded through timm's
+ports of the same architectures (``spec.local_arch``), whose checkpoint filters understand those keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..errors import EmbedkitError, WeightsNotFoundError
+from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
+
+
+def hub_cached(repo_id: str) -> bool:
+    """True when ``repo_id``'s config and weights are in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        have_cfg = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        have_w = any(isinstance(try_to_load_from_cache(repo_id, f), str)
+                     for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+        return have_cfg and have_w
+    except Exception:
+        return False
+
+
+def hf_spec(name: str) -> EncoderSpec:
+    """Passthrough spec for ``hf:<repo id or folder>``; preprocessing comes from its processor config."""
+    repo = name[3:]
+    if not repo:
+        raise EmbedkitError("hf: needs a repo id or a local folder, e.g. hf:facebook/dinov2-small")
+    return EncoderSpec(name, "hf", repo, None, Preprocess(224), "cls", weights=f"Hugging Face {repo}",
+                       family="hf", description=f"transformers AutoModel {repo}")
+
+
+def _processor_preprocess(source: str, base: Preprocess) -> Preprocess:
+    """Read mean/std/size from a local preprocessor_config.json when there is one."""
+    p = Path(source) / "preprocessor_config.json"
+    if not p.exists():
+        return base
+    cfg = json.loads(p.read_text())
+    size = cfg.get("crop_size") or cfg.get("size") or {}
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or base.size
+    mean = tuple(cfg.get("image_mean", base.mean))
+    std = tuple(cfg.get("image_std", base.std))
+    return replace(base, size=int(size or base.size), mean=mean, std=std)
+
+
+def _is_official_checkpoint(path: str) -> bool:
+    return os.path.isfile(path) and not (Path(path).parent / "config.json").exists()
+
+
+def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_size: int | None,
+             pretrained: bool) -> Encoder:
+    from transformers import AutoConfig, AutoModel
+
+    if weights is not None and _is_official_checkpoint(str(weights)):
+        if spec.local_arch is None:
+            raise EmbedkitError(f"{spec.name}: a single weights file needs a known architecture; pass the folder "
+                                f"holding config.json and the weights instead")
+        from .timm_backend import build_timm
+
+        return build_timm(replace(spec, arch=spec.local_arch), weights, pooling, image_size, pretrained)
+    source = str(Path(weights).parent if weights and os.path.isfile(weights) else (weights or spec.arch))
+    preprocess = _processor_preprocess(source, spec.preprocess) if os.path.isdir(source) else spec.preprocess
+    try:
+        if pretrained:
+            model = AutoModel.from_pretrained(source)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(source))
+    except OSError as exc:
+        if os.path.isdir(source):
+            raise EmbedkitError(f"{source}: not a loadable transformers model folder ({str(exc).splitlines()[0]})") from None
+        raise WeightsNotFoundError(
+            f"{spec.name}: weights not found locally and the hub is unreachable (wanted hub id {source}); "
+            f"download it elsewhere with 'huggingface-cli download {source}' and copy the cache, or pass --weights FOLDER") from None
+    cfg = model.config
+    num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+    dim = _hf_dim(cfg, pooling or spec.pooling)
+    size = image_size or preprocess.size
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        # DINOv2 interpolates its position embeddings to any input size; DINOv3 uses RoPE.
+        return model(pixel_values=x).last_hidden_state
+
+    return Encoder(spec, model, features, preprocess.with_size(size), pooling or spec.pooling, num_prefix, dim,
+                   weights_source=f"transformers:{source}" if pretrained else "random-init",
+                   weights_fingerprint=state_dict_fingerprint(model))
+
+
+def _hf_dim(cfg, pooling: str | None) -> int:
+    hidden = getattr(cfg, "hidden_size", None)
+    if hidden is None and getattr(cfg, "hidden_sizes", None):
+        hidden = cfg.hidden_sizes[-1]
+    if hidden is None:
+        raise EmbedkitError(f"cannot tell the feature size of model type {getattr(cfg, 'model_type', '?')}")
+    return int(hidden) * (2 if pooling == "cls+mean" else 1)

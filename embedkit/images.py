@@ -1,0 +1,170 @@
+"""Reading microscopy images (PNG/JPEG/TIFF, 8/16-bit, any channel count) and turning them into RGB.
+
+Two steps are kept apart so each can be checked: :func:`read_image` returns the raw array exactly as
+stored (H, W, C), and :func:`to_rgb` maps it to float RGB in [0, 1] with explicit, recorded rules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import BadImageError, EmbedkitError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has an image suffix embedkit can read."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as an (H, W, C) array in its stored dtype; raise BadImageError with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(str(path), "file not found")
+    if path.stat().st_size == 0:
+        raise BadImageError(str(path), "file is empty (0 bytes)")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            arr = tifffile.imread(str(path))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.array(im)
+                elif im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "F"):
+                    if im.mode == "P":
+                        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                    elif im.mode in ("CMYK", "YCbCr"):
+                        im = im.convert("RGB")
+                    arr = np.array(im)
+                else:
+                    arr = np.array(im)
+    except BadImageError:
+        raise
+    except Exception as exc:  # decoders raise many types; all mean "not a readable image"
+        raise BadImageError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from None
+    return _to_hwc(arr, str(path))
+
+
+def _to_hwc(arr: np.ndarray, path: str) -> np.ndarray:
+    """Bring 2-D, HWC or CHW arrays (as TIFFs often store them) to HWC."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        return arr[:, :, None]
+    if arr.ndim == 3:
+        # Channel-first stacks: few planes, each much larger than the plane count.
+        if arr.shape[0] <= 8 and arr.shape[0] < min(arr.shape[1:]) and arr.shape[2] > 8:
+            arr = np.moveaxis(arr, 0, -1)
+        return arr
+    squeezed = np.squeeze(arr)
+    if squeezed.ndim in (2, 3) and squeezed.ndim < arr.ndim:
+        return _to_hwc(squeezed, path)
+    raise BadImageError(path, f"has {arr.ndim} dimensions {tuple(arr.shape)}; expected a 2-D image with channels")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How raw arrays become RGB; recorded with every embedding run as provenance."""
+
+    channels: tuple[int | None, int | None, int | None] | None = None
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    rescale_8bit: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = None if self.channels is None else list(self.channels)
+        d["percentiles"] = list(self.percentiles)
+        return d
+
+
+def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """Parse a channel map such as '0', '2,1,0' or '1,0,-' (R,G,B source channels; '-' leaves one black)."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise EmbedkitError(f"--channels {spec!r}: give one channel (replicated to RGB) or three, e.g. '2,1,0' or '1,0,-'")
+    out: list[int | None] = []
+    for p in parts:
+        if p in ("-", "none", ""):
+            out.append(None)
+        elif p.isdigit():
+            out.append(int(p))
+        else:
+            raise EmbedkitError(f"--channels {spec!r}: {p!r} is not a channel index or '-'")
+    if all(c is None for c in out):
+        raise EmbedkitError(f"--channels {spec!r} maps no channel at all")
+    return out[0], out[1], out[2]
+
+
+def parse_percentiles(spec: str | Sequence[float]) -> tuple[float, float]:
+    """Parse 'LOW,HIGH' percentiles used to rescale 16-bit and float images."""
+    vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+    if len(vals) != 2 or not 0 <= vals[0] < vals[1] <= 100:
+        raise EmbedkitError(f"percentiles {spec!r}: need LOW,HIGH with 0 <= LOW < HIGH <= 100, e.g. 1,99.8")
+    return vals[0], vals[1]
+
+
+def _rescale(plane: np.ndarray, conv: Conversion) -> np.ndarray:
+    """Map one channel to float32 [0, 1]: 8-bit linearly, everything else by robust percentiles."""
+    if plane.dtype == np.uint8 and not conv.rescale_8bit:
+        return plane.astype(np.float32) / 255.0
+    x = plane.astype(np.float32)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.zeros_like(x)
+    lo, hi = np.percentile(finite, conv.percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image") -> np.ndarray:
+    """Convert an (H, W, C) raw array to float32 RGB in [0, 1] following ``conv``.
+
+    Grayscale is replicated, RGBA drops alpha, and any other channel count needs ``conv.channels``.
+    """
+    if arr.ndim != 3:
+        arr = _to_hwc(arr, path)
+    c = arr.shape[2]
+    if conv.channels is not None:
+        bad = [i for i in conv.channels if i is not None and i >= c]
+        if bad:
+            raise BadImageError(path, f"has {c} channel(s) but --channels asks for channel {bad[0]}")
+        planes = [np.zeros(arr.shape[:2], np.float32) if i is None else _rescale(arr[:, :, i], conv) for i in conv.channels]
+        return np.stack(planes, axis=-1)
+    if c == 1:
+        g = _rescale(arr[:, :, 0], conv)
+        return np.stack([g, g, g], axis=-1)
+    if c == 2 and arr.dtype == np.uint8:  # PIL 'LA': gray + alpha
+        g = _rescale(arr[:, :, 0], conv)
+        return np.stack([g, g, g], axis=-1)
+    if c in (3, 4):
+        return np.stack([_rescale(arr[:, :, i], conv) for i in range(3)], axis=-1)
+    raise BadImageError(path, f"has {c} channels; pass --channels to map them to RGB, e.g. --channels 0,1,2 or --channels 1,0,-")
+
+
+def load_rgb(path: str | os.PathLike, conv: Conversion = Conversion()) -> np.ndarray:
+    """Read a file and convert it to float32 RGB in [0, 1]."""
+    return to_rgb(read_image(path), conv, str(path))
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """Float [0, 1] image to uint8, for thumbnails and stored crops."""
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)

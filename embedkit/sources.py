@@ -1,0 +1,168 @@
+"""What to embed: a folder of class folders, a CSV manifest (path,label,group,...), or plain image files.
+
+Every source becomes a list of :class:`Item` rows with a unique id, a path relative to a root, a label
+('' when unknown), a group (the unit that must never straddle splits) and free-form metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import EmbedkitError
+from .images import is_image_file
+
+#: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
+GROUP_PRESETS: dict[str, str] = {
+    "mitocheck": r"PLLT(\d+_\d+)--.*?___P(\d+_\d+)___",
+    "parent": r"^(.*)/[^/]+$",
+    "file": r"^(.*)$",
+}
+
+
+@dataclass
+class Item:
+    """One image (or cell) to embed."""
+
+    id: str
+    path: str
+    label: str = ""
+    group: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """Items plus the root their paths are relative to."""
+
+    root: str
+    items: list[Item]
+    kind: str
+
+    @property
+    def labelled(self) -> bool:
+        return any(it.label for it in self.items)
+
+    def abspath(self, item: Item) -> str:
+        return os.path.join(self.root, item.path)
+
+
+def group_rule(group_by: str | None) -> re.Pattern | None:
+    """Turn --group-by (a preset name or a regex with capture groups) into a compiled pattern."""
+    if group_by is None:
+        return None
+    pattern = GROUP_PRESETS.get(group_by, group_by)
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise EmbedkitError(f"--group-by {group_by!r} is neither a preset ({', '.join(GROUP_PRESETS)}), "
+                            f"a manifest column, nor a valid regex: {exc}") from None
+    return rx
+
+
+def group_from_path(rx: re.Pattern, path: str) -> str:
+    """Join a regex's capture groups (or its whole match) found in ``path``."""
+    m = rx.search(path.replace(os.sep, "/"))
+    if m is None:
+        raise EmbedkitError(f"--group-by pattern {rx.pattern!r} does not match {path!r}; every item needs a group")
+    return "_".join(g for g in m.groups() if g is not None) if m.groups() else m.group(0)
+
+
+def _apply_groups(items: list[Item], group_by: str | None, columns: Sequence[str] = ()) -> None:
+    if group_by is not None and group_by in columns:
+        for it in items:
+            it.group = it.meta.get(group_by, "")
+        return
+    rx = group_rule(group_by)
+    for it in items:
+        if rx is not None:
+            it.group = group_from_path(rx, it.path)
+        elif not it.group:
+            it.group = it.path  # each file is its own group unless told otherwise
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def from_class_folders(root: Path) -> list[Item]:
+    """Each sub-folder of ``root`` is a class; its images (at any depth) are items with that label."""
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in _image_files(class_dir):
+            rel = f.relative_to(root).as_posix()
+            items.append(Item(id=rel, path=rel, label=class_dir.name))
+    return items
+
+
+def from_manifest(csv_path: Path) -> tuple[list[Item], list[str]]:
+    """Read a CSV manifest: ``path`` is required; ``label``, ``group`` and ``id`` optional; other columns kept."""
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in cols:
+            raise EmbedkitError(f"{csv_path}: a manifest needs a 'path' column (found: {', '.join(cols) or 'none'})")
+        items = []
+        for lineno, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not row.get("path"):
+                raise EmbedkitError(f"{csv_path}:{lineno}: empty 'path'")
+            meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "id")}
+            items.append(Item(id=row.get("id") or row["path"], path=row["path"], label=row.get("label", ""),
+                              group=row.get("group", ""), meta=meta))
+    if not items:
+        raise EmbedkitError(f"{csv_path}: the manifest lists no images")
+    return items, cols
+
+
+def discover(source: str | os.PathLike | Sequence[str | os.PathLike], group_by: str | None = None) -> Source:
+    """Find the items of a source: class folders, a CSV manifest, a plain folder, or a list of files."""
+    if isinstance(source, (list, tuple)):
+        paths = [Path(p) for p in source]
+        if len(paths) == 1:
+            return discover(paths[0], group_by)
+        return _from_files(paths, group_by)
+    src = Path(source)
+    if not src.exists():
+        raise EmbedkitError(f"{src}: no such file or folder")
+    if src.is_file() and src.suffix.lower() == ".csv":
+        items, cols = from_manifest(src)
+        _apply_groups(items, group_by, cols)
+        return _checked(Source(root=str(src.parent.resolve()), items=items, kind="manifest"))
+    if src.is_file():
+        return _from_files([src], group_by)
+    has_class_dirs = any(p.is_dir() and not p.name.startswith(".") and _image_files(p) for p in src.iterdir())
+    if has_class_dirs:
+        items = from_class_folders(src)
+        kind = "class_folders"
+    else:
+        items = [Item(id=f.relative_to(src).as_posix(), path=f.relative_to(src).as_posix()) for f in _image_files(src)]
+        kind = "folder"
+    if not items:
+        raise EmbedkitError(f"{src}: no images found (looked for {', '.join(s.lstrip('.') for s in ('.png', '.jpg', '.tif'))} files)")
+    _apply_groups(items, group_by)
+    return _checked(Source(root=str(src.resolve()), items=items, kind=kind))
+
+
+def _from_files(paths: Iterable[Path], group_by: str | None) -> Source:
+    paths = [p.resolve() for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise EmbedkitError(f"{p}: no such file")
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    items = [Item(id=p.relative_to(root).as_posix(), path=p.relative_to(root).as_posix()) for p in paths]
+    _apply_groups(items, group_by)
+    return _checked(Source(root=str(root), items=items, kind="files"))
+
+
+def _checked(src: Source) -> Source:
+    seen: set[str] = set()
+    for it in src.items:
+        if it.id in seen:
+            raise EmbedkitError(f"duplicate item id {it.id!r}; ids (or paths) must be unique within a source")
+        seen.add(it.id)
+    return src
