@@ -46,6 +46,22 @@ def to_tensor(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
+def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Conversion = Conversion(),
+                 device: str = "cpu", batch_size: int = 32) -> np.ndarray:
+    """Embed a few image files or raw (H, W, C) arrays in memory (queries, notebooks); returns [N, D] float32."""
+    from .images import to_rgb
+
+    dev = resolve_device(device)
+    model = encoder.to(dev).eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            batch = [to_tensor(load_rgb(im, conv) if isinstance(im, (str, os.PathLike)) else to_rgb(np.asarray(im), conv),
+                               encoder.preprocess) for im in images[s:s + batch_size]]
+            out.append(model(torch.stack(batch).to(dev)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes files (or store pixels) into encoder-ready tensors; a bad file yields its error instead."""
 

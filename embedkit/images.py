@@ -90,6 +90,14 @@ class Conversion:
         d["percentiles"] = list(self.percentiles)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Conversion":
+        """Inverse of to_dict (a store key's recorded conversion)."""
+        d = d or {}
+        ch = d.get("channels")
+        return cls(channels=None if ch is None else tuple(ch), percentiles=tuple(d.get("percentiles", (1.0, 99.8))),
+                   rescale_8bit=bool(d.get("rescale_8bit", False)))
+
 
 def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None] | None:
     """Parse a channel map such as '0', '2,1,0' or '1,0,-' (R,G,B source channels; '-' leaves one black)."""

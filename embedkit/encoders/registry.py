@@ -144,3 +144,24 @@ def weights_status(spec: EncoderSpec) -> str:
     from .hf_backend import hub_cached
 
     return "present (Hugging Face cache)" if hub_cached(repo) else f"missing (hub {repo}, or --weights PATH)"
+
+
+def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) -> Encoder:
+    """Rebuild the exact encoder a store key was made with, and refuse if its weights differ.
+
+    ``config`` is a store key's recorded configuration. Weights given as a local file must be passed
+    again (``weights``) unless they came from a hub or a package that is present here.
+    """
+    from ..errors import EmbedkitError
+
+    source = str(config.get("weights", ""))
+    if weights is None and source.startswith("file:"):
+        weights = source[5:]
+    pooling = config.get("pooling")
+    spec = get_spec(config["encoder"])
+    enc = create_encoder(config["encoder"], weights=weights, pooling=pooling if spec.is_vit or pooling else None,
+                         image_size=int(config["preprocess"]["size"]), pretrained=source != "random-init")
+    if source != "random-init" and enc.weights_fingerprint != config.get("weights_fingerprint"):
+        raise EmbedkitError(f"encoder {config['encoder']}: weights here (fingerprint {enc.weights_fingerprint}) differ from "
+                            f"those the store was made with ({config.get('weights_fingerprint')}); pass the original --weights")
+    return enc
