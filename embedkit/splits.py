@@ -44,6 +44,12 @@ class Splits:
         return {"version": SPLITS_VERSION, "group_by": self.group_by, "seed": self.seed, "meta": self.meta,
                 "folds": [{p: list(f.part(p)) for p in PARTS} for f in self.folds]}
 
+    def fingerprint(self) -> str:
+        """Hash of the folds' item ids: results with equal fingerprints were scored on identical splits."""
+        from .store import fingerprint
+
+        return fingerprint([{p: sorted(f.part(p)) for p in PARTS} for f in self.folds])
+
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically."""
         tmp = f"{path}.tmp"
