@@ -82,4 +82,116 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
         click.echo(f"skipped {len(res.failed)} fields that failed; list in {res.report}", err=True)
 
 
-COMMANDS = [segment]
+@click.command(help=f"""Cut whole fields into sliding-window patches in an HDF5 store (e.g. bright-field live/dead).
+
+    Every patch records its source field and its (y, x) offset. Empty patches are filtered out:
+    'simple' thresholds foreground fraction and variance, 'learned' is an SVM on encoder embeddings
+    fitted from a few example patches you sort into empty/ and kept/ folders (saved for reuse).
+
+    \b
+    With a paired fluorescence channel, patches are labelled from it: a 2-component Gaussian mixture
+    is fitted to the per-patch mean intensity; patches below the low component's mean + sd get the
+    first --gmm-classes name, those above the high component's mean - sd the second, and the
+    ambiguous middle is discarded. The thresholds are saved (--gmm-out) and reusable (--gmm-thresholds).
+    {_FIELDS_HELP}""")
+@click.argument("fields", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "store_path", required=True, type=click.Path(dir_okay=False), help="HDF5 store to create or add fields to.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Patch side in pixels.")
+@click.option("--stride", default=112, show_default=True, type=click.IntRange(1), help="Step between patches (a last patch is added flush with each edge).")
+@click.option("--channels", help="Map field channels to the RGB patches, e.g. '0' (the bright-field channel).")
+@click.option("--percentiles", default="1,99.8", show_default=True, help="Robust LOW,HIGH percentiles for 16-bit/float fields.")
+@click.option("--filter", "filter_name", type=click.Choice(["none", "simple", "learned"]), default="simple", show_default=True, help="Empty-patch filter.")
+@click.option("--min-foreground", default=0.01, show_default=True, type=click.FloatRange(0, 1), help="simple: keep patches with at least this fraction of non-background pixels...")
+@click.option("--min-std", default=0.02, show_default=True, type=click.FloatRange(0), help="simple: ...and at least this standard deviation (intensities in [0, 1]).")
+@click.option("--fg-delta", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="simple: how far from the field's median a pixel must be to count as foreground.")
+@click.option("--filter-examples", type=click.Path(exists=True, file_okay=False), help="learned: folder with empty/ and kept/ example patches to fit the filter on.")
+@click.option("--filter-model", type=click.Path(file_okay=False), help="learned: folder where the fitted filter is saved, or an already fitted one to reuse.")
+@click.option("--filter-encoder", default="efficientnet_lite0", show_default=True, help="learned: encoder whose embeddings the SVM separates.")
+@click.option("--paired-channel", type=click.IntRange(0), help="Label patches from this channel (of the field, or of the paired file).")
+@click.option("--paired-replace", help="Paired file = field path with OLD replaced by NEW, given as OLD=NEW (e.g. _BF=_PI).")
+@click.option("--paired-column", help="Paired file from this manifest column.")
+@click.option("--gmm-classes", help="LOW,HIGH class names, the low-intensity population first [default: live,dead, or those saved with --gmm-thresholds].")
+@click.option("--gmm-thresholds", type=click.Path(exists=True, dir_okay=False), help="Reuse thresholds saved by an earlier run instead of fitting.")
+@click.option("--gmm-out", type=click.Path(dir_okay=False), help="Where fitted thresholds are saved [default: <store>.gmm.json, with a .png plot].")
+@click.option("--group-by", help="Group rule: a manifest column, a preset (mitocheck, parent, file) or a regex [default: each field is a group].")
+@click.option("--device", default="cpu", show_default=True, help="Device for the learned filter's encoder.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
+@click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
+            filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
+            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, quiet):
+    import os
+
+    from ..errors import EmbedkitError
+    from ..images import Conversion, parse_channels, parse_percentiles
+    from ..segment.filters import LearnedFilter, SimpleFilter
+    from ..segment.gmm_labels import GmmThresholds
+    from ..segment.patch_pipeline import PairedChannel, extract_patches
+    from ..sources import discover
+
+    conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
+    classes = tuple(c.strip() for c in (gmm_classes or "live,dead").split(","))
+    if len(classes) != 2 or not all(classes) or classes[0] == classes[1]:
+        raise EmbedkitError(f"--gmm-classes {gmm_classes!r}: give two different names, low-intensity class first, e.g. live,dead")
+    if sum(x is not None for x in (paired_replace, paired_column)) > 1:
+        raise EmbedkitError("give at most one of --paired-replace and --paired-column")
+    paired = None
+    if paired_replace is not None or paired_column is not None or paired_channel is not None:
+        replace = None
+        if paired_replace is not None:
+            old, sep, new = paired_replace.partition("=")
+            if not sep or not old:
+                raise EmbedkitError(f"--paired-replace {paired_replace!r}: write it as OLD=NEW, e.g. _BF=_PI")
+            replace = (old, new)
+        paired = PairedChannel(channel=paired_channel or 0, replace=replace, column=paired_column)
+    if gmm_thresholds and paired is None:
+        raise EmbedkitError("--gmm-thresholds labels patches from a paired channel; give --paired-channel, --paired-replace or --paired-column")
+    thresholds = GmmThresholds.load(gmm_thresholds) if gmm_thresholds else None
+    if thresholds is not None:
+        if gmm_classes and tuple(thresholds.classes) != classes:
+            raise EmbedkitError(f"--gmm-classes {gmm_classes} differ from the classes saved in {gmm_thresholds} "
+                                f"({','.join(thresholds.classes)}); leave --gmm-classes out to use the saved ones")
+        classes = tuple(thresholds.classes)
+
+    if filter_name == "simple":
+        filt = SimpleFilter(min_foreground=min_foreground, min_std=min_std, delta=fg_delta)
+    elif filter_name == "learned":
+        if not filter_model:
+            raise EmbedkitError("--filter learned needs --filter-model DIR (where the fitted filter is, or is to be saved)")
+        if filter_examples:
+            if os.path.exists(os.path.join(filter_model, "filter.json")):
+                raise EmbedkitError(f"--filter-model {filter_model} already holds a fitted filter; reuse it without "
+                                    f"--filter-examples, or give a new folder")
+            from ..encoders import create_encoder
+
+            enc = create_encoder(filter_encoder)
+            filt = LearnedFilter.fit(filter_examples, enc, conv, device=device, batch_size=batch_size)
+            filt.save(filter_model)
+            click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
+                       f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
+        else:
+            filt = LearnedFilter.load(filter_model)
+    else:
+        filt = None
+    src = discover(list(fields), group_by=group_by)
+    click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
+    res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
+                          thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
+                          batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
+    msg = (f"cut {res.n_windows} patches from {res.n_fields - res.n_resumed - len(res.failed)} fields: "
+           f"{res.n_empty} empty, {res.n_written} written to {res.store}")
+    if res.thresholds is not None:
+        t = res.thresholds
+        msg += (f"; labelled {t.classes[0]} below {t.low:.4g} and {t.classes[1]} above {t.high:.4g}, "
+                f"{res.n_ambiguous} ambiguous discarded")
+    if res.thresholds_path:
+        msg += f"; thresholds saved in {res.thresholds_path}"
+    if res.n_resumed:
+        msg += f"; {res.n_resumed} fields were already done"
+    click.echo(msg)
+    if res.failed:
+        click.echo(f"skipped {len(res.failed)} fields that failed; list in {res.report}", err=True)
+
+
+COMMANDS = [segment, patches]

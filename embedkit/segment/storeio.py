@@ -5,6 +5,7 @@ Layout added to the store (see docs/segment.md)::
     /segment            attrs: command (segment|patches), config (JSON), config_fingerprint
         fields          string [F]: fields already cut into the store (zero-cell fields included)
         failed          string [K, 2]: path, reason of fields that failed in the last run
+        attrs           gmm_thresholds (JSON, patches with paired-channel labels)
     /pixels             uint8 [N, S, S, 3] crops or patches, row-aligned with /items
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -79,8 +80,17 @@ def finished_fields(store_path: str, command: str, config: dict) -> set[str]:
 Batch = tuple[Sequence[Item], dict[str, np.ndarray], np.ndarray]
 
 
+def run_attr(store_path: str, name: str) -> Any:
+    """A JSON attribute of an existing store's /segment group (None when absent)."""
+    if not os.path.exists(store_path):
+        return None
+    with h5py.File(store_path, "r") as f:
+        raw = f["segment"].attrs.get(name) if "segment" in f else None
+    return None if raw is None else json.loads(raw)
+
+
 def commit(store_path: str, command: str, config: dict, root: str, batches: Iterable[Batch], pixel_shape: tuple[int, ...],
-           fields: Sequence[str], failed: Sequence[Sequence[str]]) -> None:
+           fields: Sequence[str], failed: Sequence[Sequence[str]], attrs: dict[str, Any] | None = None) -> None:
     """Append batches of (items, columns, pixels) and record the finished fields, in one atomic transaction.
 
     Batches stream from the journal, so a run never holds all its crops in memory.
@@ -110,6 +120,8 @@ def commit(store_path: str, command: str, config: dict, root: str, batches: Iter
         if "failed" in g:
             del g["failed"]
         g.create_dataset("failed", data=np.array([list(r) for r in failed], dtype=object).reshape(-1, 2), dtype=st.STR)
+        for k, v in (attrs or {}).items():
+            g.attrs[k] = json.dumps(v, sort_keys=True)
         g.attrs["modified"] = st.now_iso()
 
 
