@@ -49,7 +49,7 @@ _FIELDS_HELP = """
 @click.option("--labels-dir", type=click.Path(file_okay=False), help="Folder for the label TIFFs [default: <store>_labels/].")
 @click.option("--overlays", default=0, show_default=True, type=click.IntRange(0), help="Save outline PNGs of the first N fields in <store>_overlays/.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read or segmented, and list them in a report, instead of stopping.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 def segment(fields, store_path, backend, model, diameter, channels, seg_channels, percentiles, polarity, flow_threshold,
             cellprob_threshold, min_size, batch_size, device, crop_size, mask, scale_spec, pixel_size, edge, min_area,
             max_area, group_by, labels_dir, overlays, skip_bad, quiet):
@@ -64,8 +64,9 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
     crop = CropParams(size=crop_size, mask=mask, scale=ScaleSpec.parse(scale_spec), edge=edge, min_area=min_area, max_area=max_area)
     seg_ch = parse_seg_channels(seg_channels)
     src = discover(list(fields), group_by=group_by)
-    click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
-               f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
+    if not quiet:
+        click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
+                   f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
     segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
                                  flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
                                  polarity=polarity)
@@ -117,7 +118,7 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--device", default="cpu", show_default=True, help="Device for the learned filter's encoder.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
             gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, quiet):
@@ -175,7 +176,8 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
     else:
         filt = None
     src = discover(list(fields), group_by=group_by)
-    click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
+    if not quiet:
+        click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
     res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
                           thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
                           batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)

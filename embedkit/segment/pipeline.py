@@ -57,9 +57,11 @@ def run_config(segmenter: Segmenter, crop: CropParams, conv: Conversion, seg_cha
 
 
 def open_journal(store_path: str, key: str, config: dict) -> st.Journal:
-    """The run's journal, refusing one left by a run with other settings."""
+    """The run's journal, refusing one left by a run with other settings that finished some fields."""
     journal = st.Journal(store_path, key)
     fp = storeio.config_fingerprint(config)
+    if journal.exists and journal.state().get("config_fingerprint") != fp and not journal.chunks():
+        journal.discard()  # it holds no work, only the settings of a run that stopped before its first field
     if journal.exists and journal.state().get("config_fingerprint") != fp:
         diff = storeio.differences(journal.state().get("config", {}), config)
         raise EmbedkitError(f"an interrupted run under {journal.dir} used other settings ({diff[:400]}); re-run it with "
