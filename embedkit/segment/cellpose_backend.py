@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -200,7 +201,9 @@ class CellposeSegmenter:
             img = img[:, :, None]
         if img.shape[2] < 3:
             img = np.concatenate([img, np.zeros(img.shape[:2] + (3 - img.shape[2],), np.float32)], axis=2)
-        masks, _, _ = self._network().eval(img[:, :, :3], channel_axis=2, batch_size=self.batch_size, diameter=self.diameter,
-                                       flow_threshold=self.flow_threshold, cellprob_threshold=self.cellprob_threshold,
-                                       min_size=self.min_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")  # raised inside Cellpose's dynamics
+            masks, _, _ = self._network().eval(img[:, :, :3], channel_axis=2, batch_size=self.batch_size,
+                                               diameter=self.diameter, flow_threshold=self.flow_threshold,
+                                               cellprob_threshold=self.cellprob_threshold, min_size=self.min_size)
         return np.asarray(masks, dtype=np.int32)
