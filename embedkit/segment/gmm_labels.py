@@ -24,9 +24,9 @@ class GmmThresholds:
     low: float
     high: float
     classes: tuple[str, str] = ("live", "dead")
-    means: tuple[float, float] = (float("nan"), float("nan"))
-    sds: tuple[float, float] = (float("nan"), float("nan"))
-    weights: tuple[float, float] = (float("nan"), float("nan"))
+    means: tuple[float, float] | None = None     # of the fitted components (None for thresholds set by hand)
+    sds: tuple[float, float] | None = None
+    weights: tuple[float, float] | None = None
     n_fitted: int = 0
 
     def __post_init__(self):
@@ -47,7 +47,8 @@ class GmmThresholds:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
-        d["means"], d["sds"], d["weights"] = list(self.means), list(self.sds), list(self.weights)
+        for k in ("means", "sds", "weights"):
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -64,10 +65,15 @@ class GmmThresholds:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise EmbedkitError(f"--gmm-thresholds {path}: cannot read it ({type(exc).__name__}: {exc})") from None
-        if d.get("format") != "embedkit-gmm-thresholds":
+        if not isinstance(d, dict) or d.get("format") != "embedkit-gmm-thresholds":
             raise EmbedkitError(f"--gmm-thresholds {path}: not a thresholds file written by embedkit patches")
-        return cls(low=float(d["low"]), high=float(d["high"]), classes=tuple(d["classes"]), means=tuple(d["means"]),
-                   sds=tuple(d["sds"]), weights=tuple(d["weights"]), n_fitted=int(d.get("n_fitted", 0)))
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GmmThresholds":
+        """Inverse of to_dict."""
+        opt = {k: None if d.get(k) is None else tuple(float(v) for v in d[k]) for k in ("means", "sds", "weights")}
+        return cls(low=float(d["low"]), high=float(d["high"]), classes=tuple(d["classes"]), n_fitted=int(d.get("n_fitted", 0)), **opt)
 
 
 def fit_thresholds(values: np.ndarray, classes: tuple[str, str] = ("live", "dead"), seed: int = 0) -> GmmThresholds:
@@ -101,8 +107,8 @@ def plot_thresholds(values: np.ndarray, thr: GmmThresholds, path: str | os.PathL
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(v, bins=60, density=True, color="0.75")
     xs = np.linspace(v.min(), v.max(), 400)
-    for k, colour in zip(range(2), ("tab:green", "tab:red")):
-        if np.isfinite(thr.means[k]) and thr.sds[k] > 0:
+    for k, colour in zip(range(2) if thr.means else (), ("tab:green", "tab:red")):
+        if thr.sds[k] > 0:
             pdf = thr.weights[k] * np.exp(-0.5 * ((xs - thr.means[k]) / thr.sds[k]) ** 2) / (thr.sds[k] * np.sqrt(2 * np.pi))
             ax.plot(xs, pdf, color=colour, label=f"{thr.classes[k]} component")
     ax.axvline(thr.low, color="tab:green", ls="--", label=f"{thr.classes[0]} < {thr.low:.4g}")

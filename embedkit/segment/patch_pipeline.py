@@ -150,8 +150,7 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     d = storeio.run_attr(store_path, "gmm_thresholds")
     if d is None:
         return None
-    return GmmThresholds(low=d["low"], high=d["high"], classes=tuple(d["classes"]), means=tuple(d["means"]),
-                         sds=tuple(d["sds"]), weights=tuple(d["weights"]), n_fitted=d["n_fitted"])
+    return GmmThresholds.from_dict(d)
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
