@@ -230,3 +230,19 @@ def test_wrong_channels_missing_files_and_other_settings_fail_with_one_line(ws_s
         write_items(f, discover(fields).items, str(fields))
     msg = one_line_error("segment", fields, "--out", plain, *WS)
     assert "holds 4 items that 'embedkit segment' did not make" in msg
+
+
+def test_scale_to_a_pixel_size_from_the_manifest(tmp_path, capsys):
+    src = tiles(tmp_path / "f", 128, {"a.tif": (0, 0), "b.tif": (1, 1)})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label,pixel_size\n{src / 'a.tif'},x,0.5\n{src / 'b.tif'},y,\n")
+    store = tmp_path / "s.h5"
+    code, out, err = cli_here(capsys, "segment", manifest, "--out", store, *WS, "--scale", "pixel:1.0", "--pixel-size", "0.25",
+                              "--crop", "32")
+    assert code == 0, err
+    s = Store(store)
+    scale = dict(zip(s.column("source"), s.column("scale")))
+    assert scale[str(src / "a.tif")] == pytest.approx(0.5)   # the manifest's 0.5 µm/px to 1.0 µm/px
+    assert scale[str(src / "b.tif")] == pytest.approx(0.25)  # no manifest value: --pixel-size
+    code, _, err = cli_here(capsys, "segment", manifest, "--out", tmp_path / "t.h5", *WS, "--model", "cpsam")
+    assert code == 2 and "--model applies to --backend cellpose" in err

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import h5py
 import json
-import numpy as np
 import pytest
 import tifffile
 import torch

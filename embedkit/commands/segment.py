@@ -13,6 +13,22 @@ _FIELDS_HELP = """
 """
 
 
+#: Options that only one backend uses; giving them to the other is a mistake worth a clear error.
+_BACKEND_ONLY = {"cellpose": ("model", "flow_threshold", "cellprob_threshold", "batch_size"), "watershed": ("polarity",)}
+
+
+def _refuse_unused_options(backend: str) -> None:
+    from click.core import ParameterSource
+
+    from ..errors import EmbedkitError
+
+    ctx = click.get_current_context()
+    for owner, names in _BACKEND_ONLY.items():
+        for name in names:
+            if owner != backend and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+                raise EmbedkitError(f"--{name.replace('_', '-')} applies to --backend {owner}, not {backend}")
+
+
 @click.command(help=f"""Cut whole microscope fields into single-cell crops in an HDF5 store.
 
     Cellpose 4 (model cpsam) segments by default; --backend watershed is a classical method that needs
@@ -60,6 +76,7 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
     from ..segment.pipeline import segment_fields
     from ..sources import discover
 
+    _refuse_unused_options(backend)
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     crop = CropParams(size=crop_size, mask=mask, scale=ScaleSpec.parse(scale_spec), edge=edge, min_area=min_area, max_area=max_area)
     seg_ch = parse_seg_channels(seg_channels)
@@ -115,7 +132,7 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--gmm-thresholds", type=click.Path(exists=True, dir_okay=False), help="Reuse thresholds saved by an earlier run instead of fitting.")
 @click.option("--gmm-out", type=click.Path(dir_okay=False), help="Where fitted thresholds are saved [default: <store>.gmm.json, with a .png plot].")
 @click.option("--group-by", help="Group rule: a manifest column, a preset (mitocheck, parent, file) or a regex [default: each field is a group].")
-@click.option("--device", default="cpu", show_default=True, help="Device for the learned filter's encoder.")
+@click.option("--device", default="auto", show_default=True, help="Device for the learned filter's encoder: auto, cpu, cuda, mps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")

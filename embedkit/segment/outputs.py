@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -12,8 +13,15 @@ import numpy as np
 
 
 def safe_name(field_id: str) -> str:
-    """A flat file name for a field id ('A/img 1.png' -> 'A__img_1.png')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", field_id.replace("/", "__").replace("\\", "__")).strip("_") or "field"
+    """A flat, unique file name for a field id: 'A/img1.png' -> 'A__img1.png'.
+
+    Where characters had to be replaced ('A/img 1.png'), a short hash of the id keeps names apart.
+    """
+    flat = field_id.replace("/", "__")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", flat).strip("_.") or "field"
+    if safe != flat:
+        safe += "-" + hashlib.sha256(field_id.encode()).hexdigest()[:8]
+    return safe
 
 
 def _atomic(path: Path, write) -> Path:

@@ -95,7 +95,7 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     conv: Conversion = Conversion(), filt: SimpleFilter | LearnedFilter | None = SimpleFilter(),
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
-                    device: str = "cpu", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
+                    device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
                     report_path: str | None = None) -> PatchResult:
     """Cut every field of ``source`` into patches in the store (resuming an interrupted run)."""
     from tqdm.auto import tqdm
@@ -190,8 +190,6 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
 
 def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str, res: PatchResult,
              thresholds: GmmThresholds | None) -> Iterator[storeio.Batch]:
-    root = source.root
-    store_root = (st.Store(store_path).root or root) if os.path.exists(store_path) else root
     by_id = {it.id: it for it in source.items}
     for fid in fields:
         it = by_id[fid]
@@ -209,7 +207,7 @@ def _batches(source: Source, done: dict[str, Path], fields: list[str], store_pat
         off = c["offset"][keep].astype(np.int32)
         if not len(off):
             continue
-        rel = it.path if os.path.abspath(store_root) == os.path.abspath(root) else os.path.join(os.path.abspath(root), it.path)
+        rel = storeio.stored_path(store_path, source.root, it.path)
         items = [Item(id=f"{it.id}@{y},{x}", path=it.path, label=str(lab), group=it.group, meta=dict(it.meta))
                  for (y, x), lab in zip(off, labels[keep])]
         size = c["pixels"].shape[1]

@@ -179,18 +179,13 @@ def _count(done: dict[str, Path], fields: list[str]) -> int:
 
 def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str) -> Iterator[storeio.Batch]:
     """Store rows per field, in source order, streamed from the journal."""
-    root = source.root
-    if os.path.exists(store_path):
-        store_root = st.Store(store_path).root or root
-    else:
-        store_root = root
     by_id = {it.id: it for it in source.items}
     for fid in fields:
         it = by_id[fid]
         with np.load(done[fid], allow_pickle=False) as z:
             chunk = {k: z[k] for k in z.files}
         n = len(chunk["mask_id"])
-        rel = it.path if os.path.abspath(store_root) == os.path.abspath(root) else os.path.join(os.path.abspath(root), it.path)
+        rel = storeio.stored_path(store_path, source.root, it.path)
         items = [Item(id=f"{it.id}#{int(m)}", path=it.path, label=it.label, group=it.group, meta=dict(it.meta))
                  for m in chunk["mask_id"]]
         columns = {"source": np.array([rel] * n, dtype=object), "mask_id": chunk["mask_id"].astype(np.int32),
