@@ -152,7 +152,7 @@ def test_segment_then_embed_from_the_store(tmp_path):
 
 
 def test_killed_run_resumes_to_the_identical_store(tmp_path):
-    names = {f"F/t{r}{c}.tif": (r, c) for r in range(4) for c in range(3)}
+    names = {f"F/t{r}{c}.tif": (r, c) for r in range(4) for c in range(4)}
     src = tiles(tmp_path / "many", 128, names)
     clean = tmp_path / "clean.h5"
     run_cli("segment", src, "--out", clean, *WS)
