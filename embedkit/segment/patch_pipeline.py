@@ -108,7 +108,8 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
     res = PatchResult(store_path, len(source.items), 0)
     with st.write_lock(store_path):
         in_store = storeio.finished_fields(store_path, "patches", config)
-        journal = open_journal(store_path, JOURNAL_KEY, config)
+        # labelling happens at commit, so a run may resume with other GMM settings (e.g. after a failed fit)
+        journal = open_journal(store_path, JOURNAL_KEY, {k: v for k, v in config.items() if k != "gmm"})
         done = journalled(journal)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
@@ -126,7 +127,7 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         if paired is not None:
             thresholds = thresholds or _stored_thresholds(store_path)
             if thresholds is None and new_fields:
-                values = np.concatenate([_load(done[f])["paired_mean"] for f in new_fields])
+                values = np.concatenate([_load(done[f], "paired_mean")["paired_mean"] for f in new_fields])
                 thresholds = fit_thresholds(values, classes)
                 out = thresholds_out or sidecar(store_path, ".gmm.json")
                 res.thresholds_path = str(thresholds.save(out))
@@ -153,9 +154,10 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     return GmmThresholds.from_dict(d)
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
+def _load(path: Path, *keys: str) -> dict[str, np.ndarray]:
+    """Arrays of one journal chunk (only ``keys`` when given, so the pixels stay on disk)."""
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return {k: z[k] for k in (keys or z.files)}
 
 
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
@@ -191,6 +193,7 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
 def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str, res: PatchResult,
              thresholds: GmmThresholds | None) -> Iterator[storeio.Batch]:
     by_id = {it.id: it for it in source.items}
+    stored = storeio.path_writer(store_path, source.root)
     for fid in fields:
         it = by_id[fid]
         c = _load(done[fid])
@@ -207,7 +210,7 @@ def _batches(source: Source, done: dict[str, Path], fields: list[str], store_pat
         off = c["offset"][keep].astype(np.int32)
         if not len(off):
             continue
-        rel = storeio.stored_path(store_path, source.root, it.path)
+        rel = stored(it.path)
         items = [Item(id=f"{it.id}@{y},{x}", path=it.path, label=str(lab), group=it.group, meta=dict(it.meta))
                  for (y, x), lab in zip(off, labels[keep])]
         size = c["pixels"].shape[1]

@@ -180,12 +180,13 @@ def _count(done: dict[str, Path], fields: list[str]) -> int:
 def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str) -> Iterator[storeio.Batch]:
     """Store rows per field, in source order, streamed from the journal."""
     by_id = {it.id: it for it in source.items}
+    stored = storeio.path_writer(store_path, source.root)
     for fid in fields:
         it = by_id[fid]
         with np.load(done[fid], allow_pickle=False) as z:
             chunk = {k: z[k] for k in z.files}
         n = len(chunk["mask_id"])
-        rel = storeio.stored_path(store_path, source.root, it.path)
+        rel = stored(it.path)
         items = [Item(id=f"{it.id}#{int(m)}", path=it.path, label=it.label, group=it.group, meta=dict(it.meta))
                  for m in chunk["mask_id"]]
         columns = {"source": np.array([rel] * n, dtype=object), "mask_id": chunk["mask_id"].astype(np.int32),

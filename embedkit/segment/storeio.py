@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -80,10 +80,12 @@ def finished_fields(store_path: str, command: str, config: dict) -> set[str]:
 Batch = tuple[Sequence[Item], dict[str, np.ndarray], np.ndarray]
 
 
-def stored_path(store_path: str, root: str, rel: str) -> str:
-    """How a source path is written into a store: relative to the store's root, absolute if the root differs."""
+def path_writer(store_path: str, root: str) -> Callable[[str], str]:
+    """How source paths are written into a store: relative to the store's root, absolute if the root differs."""
     store_root = (st.Store(store_path).root or root) if os.path.exists(store_path) else root
-    return rel if os.path.abspath(store_root) == os.path.abspath(root) else os.path.join(os.path.abspath(root), rel)
+    if os.path.abspath(store_root) == os.path.abspath(root):
+        return lambda rel: rel
+    return lambda rel: os.path.join(os.path.abspath(root), rel)
 
 
 def run_attr(store_path: str, name: str) -> Any:
