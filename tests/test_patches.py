@@ -144,6 +144,7 @@ def test_gmm_recovers_two_known_populations():
     assert thr.sds == pytest.approx((10, 50), rel=0.1)
     assert thr.weights == pytest.approx((0.75, 0.25), abs=0.02)
     assert thr.low == pytest.approx(110, rel=0.03) and thr.high == pytest.approx(950, rel=0.03)
+    assert thr.bic[1] < thr.bic[0] - 100
 
 
 def test_gmm_rule_and_saved_thresholds(tmp_path):
@@ -155,6 +156,8 @@ def test_gmm_rule_and_saved_thresholds(tmp_path):
         GmmThresholds(low=30.0, high=20.0)
     with pytest.raises(EmbedkitError, match="at least 10"):
         fit_thresholds(np.arange(5.0))
+    with pytest.raises(EmbedkitError, match="do not show two populations"):
+        fit_thresholds(np.random.default_rng(0).normal(100, 10, 500))
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(EmbedkitError, match="not a thresholds file"):
         GmmThresholds.load(tmp_path / "x.json")
@@ -249,3 +252,19 @@ def test_patch_option_errors(livedead, tmp_path, capsys):
         code, _, err = cli_here(capsys, "patches", folder, "--out", tmp_path / "x.h5", "--quiet", *extra)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_failed_fit_resumes_with_saved_thresholds(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        livedead_field(tmp_path / "uni" / f"w{i}.tif", rng, ["live"] * 14 + ["empty"] * 2)
+    args = ("patches", tmp_path / "uni", "--out", tmp_path / "u.h5", "--size", TILE, "--stride", TILE, "--channels", "0",
+            "--paired-channel", "1", "--quiet")
+    code, _, err = cli_here(capsys, *args)  # one population: a GMM cannot give two separated classes
+    assert code == 2 and "do not show two populations" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "u.h5").exists() and list((tmp_path / "u.h5.partial" / "patches").glob("chunk_*.npz"))
+    GmmThresholds(low=500.0, high=1500.0).save(tmp_path / "t.json")
+    code, out, err = cli_here(capsys, *args, "--gmm-thresholds", tmp_path / "t.json")
+    assert code == 0, err
+    assert "2 fields were already done" in out
+    assert set(Store(tmp_path / "u.h5").labels) == {"live"} and len(Store(tmp_path / "u.h5")) == 28

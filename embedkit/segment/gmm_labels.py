@@ -28,6 +28,7 @@ class GmmThresholds:
     sds: tuple[float, float] | None = None
     weights: tuple[float, float] | None = None
     n_fitted: int = 0
+    bic: tuple[float, float] | None = None       # of one and of two Gaussians on the fitted values
 
     def __post_init__(self):
         if not self.low < self.high:
@@ -47,7 +48,7 @@ class GmmThresholds:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
-        for k in ("means", "sds", "weights"):
+        for k in ("means", "sds", "weights", "bic"):
             d[k] = None if d[k] is None else list(d[k])
         return d
 
@@ -72,12 +73,20 @@ class GmmThresholds:
     @classmethod
     def from_dict(cls, d: dict) -> "GmmThresholds":
         """Inverse of to_dict."""
-        opt = {k: None if d.get(k) is None else tuple(float(v) for v in d[k]) for k in ("means", "sds", "weights")}
+        opt = {k: None if d.get(k) is None else tuple(float(v) for v in d[k]) for k in ("means", "sds", "weights", "bic")}
         return cls(low=float(d["low"]), high=float(d["high"]), classes=tuple(d["classes"]), n_fitted=int(d.get("n_fitted", 0)), **opt)
 
 
+#: How much better (lower) the BIC of two Gaussians must be than that of one before two populations are believed.
+MIN_BIC_GAIN = 10.0
+
+
 def fit_thresholds(values: np.ndarray, classes: tuple[str, str] = ("live", "dead"), seed: int = 0) -> GmmThresholds:
-    """Fit a 2-component Gaussian mixture to per-patch means and derive the two thresholds."""
+    """Fit a 2-component Gaussian mixture to per-patch means and derive the two thresholds.
+
+    Refuses when the values do not show two populations (one Gaussian explains them as well by BIC):
+    a mixture fitted to a single population would split it at an arbitrary place.
+    """
     from sklearn.mixture import GaussianMixture
 
     v = np.asarray(values, np.float64).ravel()
@@ -87,13 +96,19 @@ def fit_thresholds(values: np.ndarray, classes: tuple[str, str] = ("live", "dead
     if np.ptp(v) == 0:
         raise EmbedkitError("every patch has the same paired-channel intensity; there is nothing to separate")
     gm = GaussianMixture(n_components=2, covariance_type="full", n_init=3, random_state=seed).fit(v[:, None])
+    bic1 = float(GaussianMixture(n_components=1, random_state=seed).fit(v[:, None]).bic(v[:, None]))
+    bic2 = float(gm.bic(v[:, None]))
+    if bic2 > bic1 - MIN_BIC_GAIN:
+        raise EmbedkitError(f"the paired-channel intensities of {len(v)} patches do not show two populations (BIC: one "
+                            f"Gaussian {bic1:.1f}, two {bic2:.1f}; two must be lower by {MIN_BIC_GAIN:g}); check the "
+                            f"channel, or apply thresholds fitted elsewhere with --gmm-thresholds")
     means = gm.means_.ravel()
     sds = np.sqrt(gm.covariances_.ravel())
     order = np.argsort(means)
     m, s, w = means[order], sds[order], gm.weights_[order]
     return GmmThresholds(low=float(m[0] + s[0]), high=float(m[1] - s[1]), classes=tuple(classes),
                          means=(float(m[0]), float(m[1])), sds=(float(s[0]), float(s[1])),
-                         weights=(float(w[0]), float(w[1])), n_fitted=int(len(v)))
+                         weights=(float(w[0]), float(w[1])), n_fitted=int(len(v)), bic=(bic1, bic2))
 
 
 def plot_thresholds(values: np.ndarray, thr: GmmThresholds, path: str | os.PathLike) -> Path:
