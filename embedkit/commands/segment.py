@@ -139,30 +139,18 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
             gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, quiet):
-    import os
-
     from ..errors import EmbedkitError
     from ..images import Conversion, parse_channels, parse_percentiles
-    from ..segment.filters import LearnedFilter, SimpleFilter
+    from ..segment.filters import LearnedFilter, make_filter
     from ..segment.gmm_labels import GmmThresholds
-    from ..segment.patch_pipeline import PairedChannel, extract_patches
+    from ..segment.patch_pipeline import extract_patches, paired_from_options
     from ..sources import discover
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     classes = tuple(c.strip() for c in (gmm_classes or "live,dead").split(","))
     if len(classes) != 2 or not all(classes) or classes[0] == classes[1]:
         raise EmbedkitError(f"--gmm-classes {gmm_classes!r}: give two different names, low-intensity class first, e.g. live,dead")
-    if sum(x is not None for x in (paired_replace, paired_column)) > 1:
-        raise EmbedkitError("give at most one of --paired-replace and --paired-column")
-    paired = None
-    if paired_replace is not None or paired_column is not None or paired_channel is not None:
-        replace = None
-        if paired_replace is not None:
-            old, sep, new = paired_replace.partition("=")
-            if not sep or not old:
-                raise EmbedkitError(f"--paired-replace {paired_replace!r}: write it as OLD=NEW, e.g. _BF=_PI")
-            replace = (old, new)
-        paired = PairedChannel(channel=paired_channel or 0, replace=replace, column=paired_column)
+    paired = paired_from_options(paired_channel, paired_replace, paired_column)
     if gmm_thresholds and paired is None:
         raise EmbedkitError("--gmm-thresholds labels patches from a paired channel; give --paired-channel, --paired-replace or --paired-column")
     thresholds = GmmThresholds.load(gmm_thresholds) if gmm_thresholds else None
@@ -172,29 +160,14 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
                                 f"({','.join(thresholds.classes)}); leave --gmm-classes out to use the saved ones")
         classes = tuple(thresholds.classes)
 
-    if filter_name == "simple":
-        filt = SimpleFilter(min_foreground=min_foreground, min_std=min_std, delta=fg_delta)
-    elif filter_name == "learned":
-        if not filter_model:
-            raise EmbedkitError("--filter learned needs --filter-model DIR (where the fitted filter is, or is to be saved)")
-        if filter_examples:
-            if os.path.exists(os.path.join(filter_model, "filter.json")):
-                raise EmbedkitError(f"--filter-model {filter_model} already holds a fitted filter; reuse it without "
-                                    f"--filter-examples, or give a new folder")
-            from ..encoders import create_encoder
-
-            enc = create_encoder(filter_encoder)
-            filt = LearnedFilter.fit(filter_examples, enc, conv, device=device, batch_size=batch_size)
-            filt.save(filter_model)
-            click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
-                       f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
-        else:
-            filt = LearnedFilter.load(filter_model)
-    else:
-        filt = None
     src = discover(list(fields), group_by=group_by)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
+    filt = make_filter(filter_name, min_foreground=min_foreground, min_std=min_std, delta=fg_delta, model_dir=filter_model,
+                       examples=filter_examples, encoder=filter_encoder, conv=conv, device=device, batch_size=batch_size)
+    if isinstance(filt, LearnedFilter) and filter_examples:
+        click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
+                   f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
     res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
                           thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
                           batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)

@@ -182,3 +182,28 @@ class LearnedFilter:
             raise EmbedkitError(f"{folder}: filter.npz does not match filter.json (fingerprint differs); refit the filter")
         return filt
 
+
+
+def make_filter(name: str, *, min_foreground: float = 0.01, min_std: float = 0.02, delta: float = 0.1,
+                model_dir: str | None = None, examples: str | None = None, encoder: str = "efficientnet_lite0",
+                conv=None, device: str = "auto", batch_size: int = 32) -> SimpleFilter | LearnedFilter | None:
+    """The empty-patch filter ``name`` (none, simple, learned). A learned one is fitted on ``examples`` and
+    saved in ``model_dir``, or, without examples, loaded from ``model_dir``."""
+    if name == "none":
+        return None
+    if name == "simple":
+        return SimpleFilter(min_foreground=min_foreground, min_std=min_std, delta=delta)
+    if name != "learned":
+        raise EmbedkitError(f"--filter {name!r}: choose none, simple or learned")
+    if not model_dir:
+        raise EmbedkitError("--filter learned needs --filter-model DIR (where the fitted filter is, or is to be saved)")
+    if not examples:
+        return LearnedFilter.load(model_dir)
+    if (Path(model_dir) / "filter.json").exists():
+        raise EmbedkitError(f"--filter-model {model_dir} already holds a fitted filter; reuse it without "
+                            f"--filter-examples, or give a new folder")
+    from ..encoders import create_encoder
+
+    filt = LearnedFilter.fit(examples, create_encoder(encoder), conv, device=device, batch_size=batch_size)
+    filt.save(model_dir)
+    return filt

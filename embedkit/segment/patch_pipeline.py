@@ -67,6 +67,21 @@ class PairedChannel:
         return arr[:, :, self.channel].astype(np.float64)
 
 
+def paired_from_options(channel: int | None, replace: str | None, column: str | None) -> PairedChannel | None:
+    """The paired plane from the CLI options (--paired-channel, --paired-replace OLD=NEW, --paired-column); None if none."""
+    if replace is not None and column is not None:
+        raise EmbedkitError("give at most one of --paired-replace and --paired-column")
+    if channel is None and replace is None and column is None:
+        return None
+    pair = None
+    if replace is not None:
+        old, sep, new = replace.partition("=")
+        if not sep or not old:
+            raise EmbedkitError(f"--paired-replace {replace!r}: write it as OLD=NEW, e.g. _BF=_PI")
+        pair = (old, new)
+    return PairedChannel(channel=channel or 0, replace=pair, column=column)
+
+
 @dataclass
 class PatchResult:
     store: str
