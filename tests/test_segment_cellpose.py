@@ -33,6 +33,16 @@ def test_architecture_is_read_back_from_the_state_dict(tiny_cpsam, tmp_path):
     assert cpsam_architecture(state) == {"embed_dim": 48, "depth": 3, "num_heads": 4, "global_attn_indexes": (0, 2)}
 
 
+def test_the_published_cpsam_shape_is_recognised_as_sam_vit_l():
+    from cellpose.vit import CPSAM
+
+    from embedkit.segment.cellpose_backend import VIT_L
+
+    with torch.device("meta"):  # shapes only: the 305M-parameter network is never allocated
+        state = CPSAM().state_dict()
+    assert cpsam_architecture(state) == VIT_L
+
+
 def test_segment_with_a_cellpose_model_file(tiny_cpsam, tmp_path, capsys):
     field = tiles(tmp_path / "f", 128, {"x.tif": (1, 2)}) / "x.tif"
     store = tmp_path / "cp.h5"
