@@ -80,7 +80,7 @@ def test_cells_carry_full_provenance(ws_store, fields):
     store, stdout = ws_store
     rows = rows_of(store)
     n = len(rows["id"])
-    assert n > 60 and f"{n} cells into" in stdout
+    assert n > 60 and f"{n} cells added to" in stdout
     assert rows["pixels"].shape == (n, 96, 96, 3) and rows["pixels"].dtype == np.uint8
     assert set(rows["label"]) == {"A", "B"}
     assert all(lab == src.split("/")[0] for lab, src in zip(rows["label"], rows["source"]))
@@ -171,13 +171,13 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path):
     bad = run_cli("segment", src, "--out", store, *WS, "--crop", "64", check=False)
     assert bad.returncode == 2 and "interrupted run" in bad.stderr and "crop.size: 96" in bad.stderr
     proc = run_cli("segment", src, "--out", store, *WS)
-    assert f"{done} fields were already done" in proc.stdout
+    assert f"({done} already done" in proc.stdout
     assert not journal.exists()
     a, b = rows_of(clean), rows_of(store)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     again = run_cli("segment", src, "--out", store, *WS)
-    assert f"{len(names)} fields were already done" in again.stdout and "0 cells" in again.stdout
+    assert f"({len(names)} already done, 0 failed): 0 cells added" in again.stdout
 
 
 def test_bad_fields_are_reported_and_never_corrupt_the_store(fields, tmp_path):
@@ -191,7 +191,7 @@ def test_bad_fields_are_reported_and_never_corrupt_the_store(fields, tmp_path):
     assert len(lines) == 1 and "t005_corrupt.tif" in lines[0] and "--skip-bad" in lines[0]
     assert not store.exists()
     proc = run_cli("segment", src, "--out", store, *WS, "--skip-bad")
-    assert "1 fields were already done" in proc.stdout  # t00 finished before the corrupt field
+    assert "(1 already done, 1 failed)" in proc.stdout  # t00 finished before the corrupt field
     assert "skipped 1 fields" in proc.stderr
     report = Path(str(store)[:-3] + ".segment-failed.csv").read_text()
     assert "t005_corrupt.tif" in report and "not a readable image" in report

@@ -89,10 +89,9 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
                                  polarity=polarity)
     res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
                          labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet)
-    msg = (f"segmented {res.n_fields - res.n_resumed - len(res.failed)} fields with {backend}: {res.n_cells} cells into "
-           f"{res.store} ({res.n_found} objects found, {res.cells_per_second:.1f} objects/s); label TIFFs in {res.labels_dir}")
-    if res.n_resumed:
-        msg += f"; {res.n_resumed} fields were already done"
+    msg = (f"segmented {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields with {backend} "
+           f"({res.n_resumed} already done, {len(res.failed)} failed): {res.n_cells} cells added to {res.store}; "
+           f"{res.n_found} objects found at {res.cells_per_second:.1f} objects/s; label TIFFs in {res.labels_dir}")
     if res.overlays_dir:
         msg += f"; overlays in {res.overlays_dir}"
     click.echo(msg)
@@ -171,16 +170,14 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
     res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
                           thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
                           batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
-    msg = (f"cut {res.n_windows} patches from {res.n_fields - res.n_resumed - len(res.failed)} fields: "
-           f"{res.n_empty} empty, {res.n_written} written to {res.store}")
+    msg = (f"cut {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields ({res.n_resumed} already done, "
+           f"{len(res.failed)} failed) into {res.n_windows} patches: {res.n_empty} empty, {res.n_written} added to {res.store}")
     if res.thresholds is not None:
         t = res.thresholds
         msg += (f"; labelled {t.classes[0]} below {t.low:.4g} and {t.classes[1]} above {t.high:.4g}, "
                 f"{res.n_ambiguous} ambiguous discarded")
     if res.thresholds_path:
         msg += f"; thresholds saved in {res.thresholds_path}"
-    if res.n_resumed:
-        msg += f"; {res.n_resumed} fields were already done"
     click.echo(msg)
     if res.failed:
         click.echo(f"skipped {len(res.failed)} fields that failed; list in {res.report}", err=True)
