@@ -348,14 +348,17 @@ def _chosen_text(r: HeadResult) -> str:
 
 
 def summary_rows(report: ProbeReport) -> list[list[str]]:
-    rows = [["head", "balanced acc [95% CI]", "mean ± sd", "macro-F1", "AUROC", "chosen", "fit s", "items/s"]]
+    """Header plus one row per head; a mean ± sd column appears when there are several runs."""
+    several = len(report.run_names) > 1
+    rows = [["head", "balanced acc [95% CI]"] + (["mean ± sd over runs"] if several else [])
+            + ["macro-F1", "AUROC", "chosen", "fit s", "items/s"]]
     for r in report.results:
         m, ci, ar = r.record["metrics"], r.record["ci"], r.record["across_runs"]
         bci = ci.get("balanced_accuracy", [float("nan")] * 2)
-        rows.append([r.head, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]",
-                     f"{ar['balanced_accuracy']['mean']:.3f} ± {ar['balanced_accuracy']['sd']:.3f}",
-                     f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", _chosen_text(r), f"{r.record['fit_seconds']:.2f}",
-                     f"{r.record['predict_items_per_second'] or 0:,.0f}"])
+        rows.append([r.head, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
+                    + ([f"{ar['balanced_accuracy']['mean']:.3f} ± {ar['balanced_accuracy']['sd']:.3f}"] if several else [])
+                    + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", _chosen_text(r), f"{r.record['fit_seconds']:.2f}",
+                       f"{r.record['predict_items_per_second'] or 0:,.0f}"])
     return rows
 
 

@@ -198,7 +198,8 @@ def _fit_linear(head: str, data: FitInput, pre: Preprocessor, opts: HeadOptions,
         proba = softmax(scores / temp)
         score = val_score(yv, proba) if len(yv) else (0.0, 0.0)
         search.append({"C": float(c), "val_balanced_accuracy": score[0], "val_log_loss": -score[1],
-                       "iterations": n_iter, "seconds": round(time.perf_counter() - t0, 3)})
+                       "iterations": n_iter, "converged": n_iter < opts.max_iter,
+                       "seconds": round(time.perf_counter() - t0, 3)})
         if progress:
             progress(f"{head} C={c:g}: val balanced accuracy {score[0]:.3f}")
         if best is None or score > best[0]:
