@@ -91,6 +91,7 @@ class LinearProblem:
         self.a = torch.from_numpy(a.astype(np.float32)).to(self.device)
         self.shift = torch.from_numpy(shift.astype(np.float32)).to(self.device)
         self.chunks = []
+        self._buffer: torch.Tensor | None = None
         w = np.ones(len(pos)) if weight is None else np.asarray(weight, dtype=np.float64)
         self.total_weight = float(w.sum())
         for s in range(0, len(pos), chunk_rows):
@@ -100,7 +101,11 @@ class LinearProblem:
             self.chunks.append((xb, yb, wb))
 
     def _features(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = xb.float()
+        """A float32 view of one chunk; float16 chunks are converted into one reused buffer (no allocation per pass)."""
+        if xb.dtype != torch.float32:
+            if self._buffer is None or self._buffer.shape[0] < xb.shape[0]:
+                self._buffer = torch.empty(xb.shape, dtype=torch.float32, device=self.device)
+            xb = self._buffer[:xb.shape[0]].copy_(xb)
         return F.normalize(xb, dim=1) if self.l2 else xb
 
     @staticmethod
