@@ -46,7 +46,7 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--k", "k_grid", default="1,3,5,10,20,50,100,200", show_default=True, help="Values of k tried for knn.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, help="kNN vote temperature (DINO: 0.07).")
 @click.option("--max-iter", default=300, show_default=True, type=click.IntRange(1), help="L-BFGS iterations per C.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (linear heads).")
+@click.option("--device", default="auto", show_default=True, help="Where logreg/svm are solved: auto (CUDA GPU when present), cpu, cuda or cuda:N.")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for CIs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
@@ -64,14 +64,14 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
       embedkit probe store/cells.h5 --heads all --out results/lite0
       embedkit probe store/cells.h5 --encoder dinov2_vits14 --splits results/lite0/splits.json --out results/dino
     """
-    from ..embed import resolve_device
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
     from ..probe.evaluate import summary_header
+    from ..probe.heads import solver_device
     from ..store import Store
 
     k_values = [int(v) for v in _floats(k_grid, "--k")]
     opts = HeadOptions(c_grid=_floats(c_grid, "--C"), k_grid=k_values, temperature=temperature, max_iter=max_iter,
-                       device=str(resolve_device(device)))
+                       device=str(solver_device(device)))
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
                              pca_dim=pca_dim, test_size=test_size, val_size=val_size, folds=folds, seeds=seeds,
                              seed=seed, classes=[c.strip() for c in classes.split(",")] if classes else None,

@@ -22,7 +22,7 @@ from ..results import predictions_frame, write_results
 from ..splits import PARTS, Fold, Splits, check_splits, make_splits
 from .data import ProbeData, load_probe_data
 from .features import BALANCE_MODES, Preprocessor, balance, threads_for
-from .heads import FitInput, HeadOptions, class_vote_weights, fit_head
+from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
 from .saved import HEADS, Probe
 
 
@@ -325,7 +325,7 @@ def _info(data: ProbeData, head: str, splits: Splits, h: dict, s: ProbeSettings,
         "preprocessing": s.preprocessor().flags,
         "balance": s.balance,
         "calibration": probe.calibration,
-        "device": opts.device,
+        "device": str(solver_device(opts.device)) if head != "knn" else "faiss",
         "saved_probe": "probe (fitted on run " + names[0] + ")",
     }
 

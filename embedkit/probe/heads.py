@@ -29,6 +29,15 @@ DEFAULT_K = (1, 3, 5, 10, 20, 50, 100, 200)
 DINO_TEMPERATURE = 0.07
 
 
+def solver_device(device: str = "auto") -> torch.device:
+    """Where the linear solver runs: 'auto' is the GPU when CUDA is present, the CPU otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedkitError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(device)
+
+
 class FoldedLinear(nn.Module):
     """Raw features [B, D] -> logits [B, K]: optional L2 normalisation, then one affine map."""
 
@@ -54,7 +63,7 @@ class HeadOptions:
     temperature: float = DINO_TEMPERATURE
     max_iter: int = 300
     tol: float = 1e-6
-    device: str = "cpu"
+    device: str = "auto"
     chunk_rows: int = CHUNK_ROWS
 
 
@@ -84,7 +93,7 @@ class LinearProblem:
 
     def __init__(self, x: np.ndarray, pos: np.ndarray, y: np.ndarray, weight: np.ndarray | None, pre: Preprocessor,
                  n_classes: int, device: str = "cpu", chunk_rows: int = CHUNK_ROWS):
-        self.device = torch.device(device)
+        self.device = solver_device(device)
         self.n_classes = n_classes
         self.l2 = pre.l2
         a, shift = pre.fold()
