@@ -161,6 +161,10 @@ def _store_ids(store_path: str) -> np.ndarray:
 def _check_classes_in_train(splits: Splits, names: list[str], label_of: dict, classes: list[str],
                             groups_of_class: dict) -> None:
     for fold, name in zip(splits.folds, names):
+        empty = [p for p in PARTS if not fold.part(p)]
+        if empty:
+            raise EmbedkitError(f"run {name} has no {' or '.join(empty)} items among the chosen classes; "
+                                f"use splits made for these classes, or more groups")
         in_train = {label_of[i] for i in fold.train}
         missing = [c for c in classes if c not in in_train]
         if missing:

@@ -25,7 +25,7 @@ import numpy as np
 from .. import __version__
 from ..errors import EmbedkitError
 from ..store import comparable_config, fingerprint
-from .features import CHUNK_ROWS, Preprocessor, iter_chunks, l2_rows
+from .features import Preprocessor, iter_chunks, l2_rows
 
 FORMAT = "embedkit-probe"
 VERSION = 1
@@ -232,4 +232,4 @@ def align_classes(probes: Sequence[Probe]) -> list[str]:
     return list(first)
 
 
-__all__ = ["Probe", "load_probe", "align_classes", "softmax", "linear_scores", "knn_proba", "CHUNK_ROWS"]
+__all__ = ["Probe", "load_probe", "align_classes", "softmax", "linear_scores", "knn_proba"]
