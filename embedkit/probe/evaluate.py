@@ -370,9 +370,11 @@ def summary_header(report: ProbeReport) -> str:
     d = report.data
     first = report.results[0].record if report.results else {}
     n_lab = len(set(i for f in report.splits.folds for p in PARTS for i in f.part(p)))
+    runs = len(report.run_names)
+    tested = f"test {first.get('metrics', {}).get('n', 0)} items" + (f" pooled over {runs} runs" if runs > 1 else "")
     return (f"probe {d.key} on {d.store_path}: {n_lab} labelled items in {len(report.classes)} classes, groups by "
-            f"{d.group_by!r}; {len(report.run_names)} run(s); test {first.get('metrics', {}).get('n', 0)} items in "
-            f"{first.get('n_test_groups', 0)} groups; 95% CIs resample whole test groups")
+            f"{d.group_by!r}; {tested}, from {first.get('n_test_groups', 0)} groups; "
+            f"95% CIs resample whole test groups")
 
 
 def summary_table(report: ProbeReport) -> str:
