@@ -14,10 +14,6 @@ from ..errors import EmbedkitError
 from ..sources import group_from_path, group_rule
 from ..store import Store, comparable_config, fingerprint
 
-#: Below this many rows, read them with one fancy-indexed HDF5 read instead of scanning blocks.
-FANCY_READ_LIMIT = 4096
-
-
 @dataclass
 class ProbeData:
     """Items of one embedding key that have vectors, with labels ('' = unlabelled) and groups."""
@@ -44,25 +40,7 @@ class ProbeData:
     def vectors(self, positions: np.ndarray | None = None) -> np.ndarray:
         """Vectors of the items at ``positions`` (all by default), in the store's dtype."""
         rows = self.rows if positions is None else self.rows[np.asarray(positions)]
-        return read_rows(Store(self.store_path), self.key, rows, self.dtype)
-
-
-def read_rows(store: Store, key: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """``vectors[rows]`` in ``dtype``: few rows by one HDF5 read, many by one sequential scan in blocks."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) <= FANCY_READ_LIMIT:
-        return store.vectors(key, rows, dtype=dtype)
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    out = None
-    dim = int(store.config(key).get("dim") or 1)
-    for start, block in store.iter_vectors(key, batch=max(1024, 2 ** 26 // dim), dtype=dtype):
-        if out is None:
-            out = np.empty((len(rows), block.shape[1]), dtype=dtype)
-        lo, hi = np.searchsorted(sorted_rows, [start, start + len(block)])
-        if hi > lo:
-            out[order[lo:hi]] = block[sorted_rows[lo:hi] - start]
-    return out if out is not None else np.zeros((0, 0), dtype=dtype)
+        return Store(self.store_path).vectors(self.key, rows, dtype=self.dtype)
 
 
 def item_groups(store: Store, group_by: str | None) -> tuple[np.ndarray, str]:

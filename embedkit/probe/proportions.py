@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import EmbedkitError
 from ..metrics import confusion
 from ..store import Store
-from .data import item_groups, read_rows
+from .data import item_groups
 from .saved import Probe, align_classes
 
 METHODS = ("classify_count", "probability_average", "adjusted_count")
@@ -154,7 +154,7 @@ def apply_probes(store_path: str, probes: Sequence[Probe], key: str | None = Non
         raise EmbedkitError(f"{store_path}: no item has vectors under {', '.join(sorted(set(keys)))}")
     total = np.zeros((len(rows), len(classes)))
     for p, k in zip(probes, keys):
-        x = read_rows(store, k, rows, np.dtype(store.config(k).get("dtype") or "float32"))
+        x = store.vectors(k, rows, dtype=np.dtype(store.config(k).get("dtype") or "float32"))
         order = [p.classes.index(c) for c in classes]
         total += p.predict_proba(x)[:, order]
     return rows, total / len(probes), classes, keys
