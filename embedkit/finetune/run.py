@@ -105,7 +105,6 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     out.mkdir(parents=True, exist_ok=True)
     if restart:
         _discard(out, len(splits.folds))
-    splits.save(out / "splits.json")
     dev = resolve_device(device)
     n_workers = default_workers(dev) if workers is None else workers
     aug = Augment() if train.augment else None
@@ -172,6 +171,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             "best_epoch": [o.best_epoch for o in outcomes], "epochs_run": [len(o.history) for o in outcomes],
             "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "source": str(source),
             "items_from": items.kind, "versions": _versions()}
+    splits.save(out / "splits.json")
     record = write_results(out, pd.concat(frames, ignore_index=True), classes, info, title=name)
     if len(splits.folds) > 1:
         plot_history({f"fold {k}": o.history for k, o in zip(chosen, outcomes)}, out / CURVE_FILE, title=name)
