@@ -316,7 +316,8 @@ class Store:
         data = {}
         with self.h5() as f:
             g = f["items"]
-            cols = [(k, g[k]) for k in g if isinstance(g[k], h5py.Dataset)]
+            names = [k for k in ITEM_FIELDS if k in g] + [k for k in g if k not in ITEM_FIELDS and isinstance(g[k], h5py.Dataset)]
+            cols = [(k, g[k]) for k in names]
             cols += [(k, g["meta"][k]) for k in g["meta"]] if "meta" in g else []
             for name, ds in cols:
                 if ds.ndim != 1:
