@@ -8,7 +8,8 @@ Output folder (one fold, the usual case)::
     DIR/metrics.json, predictions.csv, confusion.png, roc.png, summary.md   (embedkit.results format)
 
 With several folds each fold's checkpoint, history and curve live in ``DIR/fold_<k>/`` and the test
-predictions of all folds are pooled at the top (``run`` = fold index).
+predictions of all folds are pooled at the top. The ``run`` column carries the run names that
+``embedkit probe`` records in splits.json (``seed0``, ``fold3``, ...), so predictions pair row by row.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "timm": timm.__version__}
 
 
+def run_names(splits: Splits) -> list[str]:
+    """The name of each fold's run: the splits file's own names (as 'embedkit probe' records them) or fold<k>."""
+    names = splits.meta.get("runs") or []
+    return [str(n) for n in names] if len(names) == len(splits.folds) else [f"fold{k}" for k in range(len(splits.folds))]
+
+
 def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
     """Load and validate saved splits against these items, or make them with the shared splits module."""
     group_of = dict(zip(items.ids, items.groups))
@@ -66,6 +73,9 @@ def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
     else:
         splits = make_splits(items.ids, items.labels, items.groups, test_size=opts.test_size, val_size=opts.val_size,
                              folds=opts.folds, seed=opts.seed, group_by=opts.group_by or "group")
+    if not splits.meta.get("runs"):  # name runs as 'embedkit probe' does, so predictions pair row by row
+        many = len(splits.folds) > 1
+        splits.meta["runs"] = [f"fold{k}" if many else f"seed{splits.seed}" for k in range(len(splits.folds))]
     warnings = check_splits(splits, group_of, label_of)
     for k, fold in enumerate(splits.folds):
         unlabelled = [i for part in ("train", "val", "test") for i in fold.part(part) if not label_of[i]]
@@ -109,6 +119,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     n_workers = default_workers(dev) if workers is None else workers
     aug = Augment() if train.augment else None
     fingerprint = splits.fingerprint()
+    names = run_names(splits)
     name = name or f"{model} fine-tuned"
 
     frames, outcomes, throughput = [], [], []
@@ -151,7 +162,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
         throughput.append((len(test_ds), pred.seconds))
         rows = items.rows(fold.test)
         frames.append(predictions_frame(list(fold.test), list(items.groups[rows]), [label_of[i] for i in fold.test],
-                                        pred.proba, classes, run=k))
+                                        pred.proba, classes, run=names[k]))
         plot_history({f"fold {k}": outcome.history}, fold_dir / CURVE_FILE,
                      title=f"{name}: fold {k}" if len(splits.folds) > 1 else name)
         outcomes.append(outcome)
@@ -161,7 +172,9 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     n_test = sum(n for n, _ in throughput)
     info = {"kind": "finetune", "name": name, "encoder": model, "head": "finetune", "model": built.arch,
             "splits_fingerprint": fingerprint, "group_by": splits.group_by, "folds_run": chosen,
-            "n_folds": len(splits.folds), "fit_seconds": float(sum(o.fit_seconds for o in outcomes)),
+            "n_folds": len(splits.folds), "run_names": [names[k] for k in chosen],
+            "fit_seconds": float(np.mean([o.fit_seconds for o in outcomes])),
+            "fit_seconds_per_run": [round(o.fit_seconds, 3) for o in outcomes],
             "predict_items_per_second": n_test / max(sum(s for _, s in throughput), 1e-9),
             "predict_note": "images/s from decoded files to class probabilities, batch "
                             f"{train.batch_size * 2}, on {dev}",
