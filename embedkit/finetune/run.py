@@ -69,6 +69,8 @@ def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
     group_of = dict(zip(items.ids, items.groups))
     label_of = dict(zip(items.ids, items.labels))
     if opts.splits_file:
+        if opts.folds:
+            raise EmbedkitError("--splits fixes the folds; leave out --folds when reusing a splits file")
         splits = Splits.load(opts.splits_file)
     else:
         splits = make_splits(items.ids, items.labels, items.groups, test_size=opts.test_size, val_size=opts.val_size,
