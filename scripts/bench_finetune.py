@@ -34,8 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+CPU_SECONDS: dict[str, float] = {}
+
+
 def cli(*args, log: Path) -> float:
-    """Run `embedkit ARGS` from this checkout; return its wall time in seconds (raise with its stderr on failure)."""
+    """Run `embedkit ARGS` from this checkout; return its wall time in seconds (raise with its stderr on failure).
+
+    The CPU seconds it used (user + system) are kept in CPU_SECONDS: unlike wall time they hardly depend on
+    what else runs on shared cores.
+    """
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **THREADS}
     t = time.perf_counter()
     with open(log, "a") as fh:
@@ -46,6 +56,8 @@ def cli(*args, log: Path) -> float:
         fh.write(proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"embedkit {args[0]} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[str(args[0])] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
     return time.perf_counter() - t
 
 
@@ -137,6 +149,7 @@ def main() -> int:
                                   "best_probe_val_balanced_accuracy": probe_val,
                                   "best_probe_hyperparameters": pr.get("hyperparameters")},
                      "splits_fingerprint": ft.get("splits_fingerprint"), "splits_file": "probe/splits.json"},
+        "cpu_seconds": CPU_SECONDS,
         "wall_seconds": {**{k: round(v, 1) for k, v in times.items()},
                          "baseline_total": round(times["embed_frozen_lite0_224px"] + times["probe_all_heads"], 1),
                          "total": round(total, 1)},
