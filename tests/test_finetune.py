@@ -203,6 +203,21 @@ def test_lite0_starts_from_its_imagenet_weights():
     assert all(p.requires_grad for p in built.model.parameters())
 
 
+def test_local_weights_file_initialises_the_backbone(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from embedkit.finetune import build_model
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    built = build_model("test_resnet", 3, weights=str(tmp_path / "w.safetensors"), image_size=64)
+    assert built.weights_source == f"file:{tmp_path / 'w.safetensors'}"
+    tuned, ref = built.model.state_dict(), source.state_dict()
+    assert all(torch.equal(tuned[k], ref[k]) for k in tuned if not k.startswith("fc."))
+    assert tuned["fc.weight"].shape == (3, ref["fc.weight"].shape[1])
+
+
 def test_missing_weights_and_unknown_models_fail_clearly():
     from embedkit.finetune import build_model
 
