@@ -240,10 +240,16 @@ def comparable_config(config: dict) -> dict:
     return {k: config.get(k) for k in COMPARED_FIELDS}
 
 
+def describe_differences(old: dict, new: dict, fields: Sequence[str] | None = None) -> str:
+    """'field: old vs new' for each differing field (all but library versions when ``fields`` is None)."""
+    names = fields if fields is not None else sorted((set(old) | set(new)) - {"versions"})
+    diffs = [f"{k}: {old.get(k)!r} before vs {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
+    return "; ".join(diffs)[:300] or "no visible difference"
+
+
 def config_mismatch_message(key: str, old: dict, new: dict) -> str:
-    diffs = [f"{k}: {old.get(k)!r} in store vs {new.get(k)!r} now" for k in COMPARED_FIELDS if old.get(k) != new.get(k)]
-    return (f"embedding key {key!r} was made with a different encoder configuration ({'; '.join(diffs)[:300]}); "
-            f"use another --key to keep both")
+    return (f"embedding key {key!r} was made with a different encoder configuration "
+            f"({describe_differences(old, new, COMPARED_FIELDS)}); use another --key to keep both")
 
 
 # --------------------------------------------------------------------------- reading
@@ -429,7 +435,7 @@ class Journal:
             if old.get("config_fingerprint") != state.get("config_fingerprint"):
                 raise EmbedkitError(
                     f"an interrupted run under {self.dir} used another configuration "
-                    f"({config_mismatch_message(self.dir.name, old.get('config', {}), state.get('config', {}))}); "
+                    f"({describe_differences(old.get('config', {}), state.get('config', {}))}); "
                     f"re-run it with the original settings to resume, or delete {self.dir} to start over")
             return
         self.dir.mkdir(parents=True, exist_ok=True)
