@@ -56,7 +56,8 @@ def encoder_name(model: str) -> str:
         return f"timm:{model}"
     hint = ""
     if spec is not None:
-        hint = f" ({model} is a {spec.backend} encoder; fine-tuning needs a timm architecture)"
+        alt = f", e.g. timm:{spec.local_arch} with --weights" if spec.local_arch else ""
+        hint = f" ({model} is a {spec.backend} encoder; fine-tuning needs a timm architecture{alt})"
     raise EmbedkitError(f"--model {model!r}: not a timm model{hint}; use a timm name such as efficientnet_b3 or "
                         f"resnet50, timm:<name>, or efficientnet_lite0/1/2 for offline ImageNet weights")
 
