@@ -153,6 +153,7 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
     identity = run_identity(settings)
     saved = check_resumable(directory, settings)
     if saved is not None and saved.get("finished"):
+        (directory / STATE_FILE).unlink(missing_ok=True)  # left over if killed right after finishing
         best = saved["best"]
         return FoldOutcome(directory, saved["history"], best["epoch"], best["score"], saved["fit_seconds"],
                            already_done=True, stopped_early=saved.get("stopped_early", False))
