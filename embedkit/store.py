@@ -35,6 +35,8 @@ from .sources import Item
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 ITEM_FIELDS = ("id", "path", "label", "group")
+#: Up to this many rows, ``Store.vectors`` reads with one fancy-indexed HDF5 read instead of a block scan.
+FANCY_READ_LIMIT = 4096
 
 
 def now_iso() -> str:
@@ -381,11 +383,21 @@ class Store:
                     e = min(stop, s + step)
                     out[s - start:e - start] = ds[s:e]
                 return out
-            rows = np.asarray(rows)
-            order = np.argsort(rows)
+            rows = np.asarray(rows, dtype=np.int64)
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
             out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
-            if len(rows):
-                out[order] = ds[rows[order]] if np.all(np.diff(rows[order]) > 0) else ds[:][rows[order]]
+            if len(rows) <= FANCY_READ_LIMIT:  # few rows: one fancy-indexed read of the unique rows
+                uniq, inverse = np.unique(sorted_rows, return_inverse=True)
+                if len(uniq):
+                    out[order] = ds[uniq][inverse.ravel()]
+                return out
+            step = max(1024, 2 ** 26 // max(1, ds.shape[1] * ds.dtype.itemsize))
+            for start in range(0, ds.shape[0], step):  # many rows: one sequential scan in blocks
+                lo, hi = np.searchsorted(sorted_rows, [start, start + step])
+                if hi > lo:
+                    block = ds[start:min(start + step, ds.shape[0])]
+                    out[order[lo:hi]] = block[sorted_rows[lo:hi] - start]
             return out
 
     def iter_vectors(self, key: str, batch: int = 65536, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
