@@ -29,19 +29,21 @@ def _history(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def probe_splits(lite0_store_ro, tmp_path_factory) -> Path:
-    """splits.json made from the store exactly as 'embedkit probe' makes and saves it."""
-    from embedkit.store import Store
-
-    s = Store(lite0_store_ro)
-    path = tmp_path_factory.mktemp("probe") / "splits.json"
-    make_splits(s.ids, s.labels, s.groups, seed=0, group_by="mitocheck").save(path)
-    return path
+def probe_results(lite0_store_ro, tmp_path_factory) -> Path:
+    """A real 'embedkit probe' run on the sample store: OUT/splits.json and the OUT/logreg result folder."""
+    out = tmp_path_factory.mktemp("results")
+    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--out", out, "--quiet")
+    return out
 
 
 @pytest.fixture(scope="module")
-def tiny_run(lite0_store_ro, probe_splits, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "finetune"
+def probe_splits(probe_results) -> Path:
+    return probe_results / "splits.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(lite0_store_ro, probe_splits, probe_results) -> Path:
+    out = probe_results / "finetune"
     run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY)
     return out
 
@@ -95,43 +97,20 @@ def test_checkpoint_reloads_and_reproduces_predictions(tiny_run, lite0_store_ro)
     np.testing.assert_allclose(proba, pred[[f"p_{c}" for c in cfg["classes"]]].to_numpy(float), atol=1e-4)
 
 
-def test_compare_finetune_against_probe_on_same_splits(tiny_run, probe_splits, lite0_store_ro, tmp_path):
-    """End to end: a probe-style result and the fine-tuned one in one table, paired on the same test items."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    from embedkit.report import compare_results
-    from embedkit.results import predictions_frame, write_results
-    from embedkit.store import Store
-
-    s = Store(lite0_store_ro)
-    splits = Splits.load(probe_splits)
-    fold = splits.folds[0]
-    row = {i: r for r, i in enumerate(s.ids)}
-    labels, groups = s.labels, s.groups
-    tr, te = [row[i] for i in fold.train], [row[i] for i in fold.test]
-    vecs = s.vectors(s.keys[0])
-    classes = sorted(set(labels[tr + te]))
-    with threadpool_limits(1):  # multi-threaded BLAS crawls on a busy machine for this small fit
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(vecs[tr], labels[tr])
-    proba = np.zeros((len(te), len(classes)))
-    proba[:, [classes.index(c) for c in clf.classes_]] = clf.predict_proba(vecs[te])
-    probe_dir = tmp_path / "results" / "logreg"
-    write_results(probe_dir, predictions_frame(list(fold.test), groups[te], labels[te], proba, classes), classes,
-                  {"kind": "probe", "name": "efficientnet_lite0 + logreg", "encoder": "efficientnet_lite0", "head": "logreg",
-                   "splits_fingerprint": splits.fingerprint(), "fit_seconds": 1.0, "predict_items_per_second": 1e5},
-                  n_boot=200)
-    rep = compare_results([probe_dir, tiny_run], out=tmp_path / "cmp", n_boot=300)
-    kinds = {r["kind"] for r in rep.rows}
-    assert kinds == {"probe", "finetune"}
-    ft = next(r for r in rep.rows if r["kind"] == "finetune")
+def test_compare_finetune_against_the_probe_end_to_end(tiny_run, probe_results, probe_splits):
+    """embedkit probe -> finetune --splits -> compare: one table, paired row by row on the same test cells."""
+    proc = run_cli("compare", probe_results)
+    assert "efficientnet_lite0/logreg" in proc.stdout and "test_resnet fine-tuned" in proc.stdout
+    rep = json.loads((probe_results / "comparison" / "comparison.json").read_text())
+    assert {r["kind"] for r in rep["rows"]} == {"probe", "finetune"}
+    assert not rep["warnings"]
+    ft = next(r for r in rep["rows"] if r["kind"] == "finetune")
     assert ft["fit_seconds"] > 0 and ft["predict_items_per_second"] > 0
-    (pair,) = rep.pairs
-    assert pair["n_paired"] == len(fold.test)
+    (pair,) = rep["pairs"]
+    assert pair["n_paired"] == len(Splits.load(probe_splits).folds[0].test)
+    assert pair["note"] == ""  # same items and run names: no averaging, nothing left out
     assert pair["ci"][0] <= pair["diff_balanced_accuracy"] <= pair["ci"][1]
-    assert "test_resnet fine-tuned" in rep.markdown and "McNemar" in rep.markdown
+    assert (probe_results / "comparison" / "comparison.html").stat().st_size > 10_000
 
 
 def _finetune_proc(source, out, epochs: int) -> subprocess.Popen:
