@@ -158,6 +158,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
         if outcome.already_done:
             log(f"fold {k}: already trained (best epoch {outcome.best_epoch}); evaluating its checkpoint")
         _load_best(built.model, fold_dir)
+        built.model.to(dev)  # a fold finished earlier was never moved to the device
         test_ds = dataset(fold.test)
         pred = predict(built.model, test_ds, dev, batch_size=train.batch_size * 2, workers=n_workers, amp=train.amp,
                        progress=progress, desc=f"test fold {k}")
