@@ -13,11 +13,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,7 +82,6 @@ class FoldOutcome:
     resumed_from: int = 0
     stopped_early: bool = False
     already_done: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
