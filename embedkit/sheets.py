@@ -159,10 +159,10 @@ def neighbor_sheet(store: Store, key: str, queries: Sequence, sims: np.ndarray, 
 
 
 def pair_sheet(store_path: str | os.PathLike, key: str | None, pairs, out: str | os.PathLike, *, threshold: float,
-               max_pairs: int = 24, size: int = 96) -> Path:
+               measure: str = "similarity", max_pairs: int = 24, size: int = 96) -> Path:
     """Leak-check pairs side by side (test item | train/val item), most similar first, four pairs per row."""
     store = Store(store_path)
-    conv = Conversion.from_dict(store.config(store.resolve_key(key)).get("conversion"))
+    conv = Conversion.from_dict(store.config(store.resolve_key(key)).get("conversion")) if store.keys else Conversion()
     row_of = {str(i): r for r, i in enumerate(store.ids)}
     top = pairs.head(max_pairs)
     test_rows = [row_of[i] for i in top["test_id"]]
@@ -179,5 +179,5 @@ def pair_sheet(store_path: str | os.PathLike, key: str | None, pairs, out: str |
     if line:
         grid.append(line)
     if not grid:
-        grid = [[Tile(None, f"no pair at cosine >= {threshold:.3f}")]]
-    return contact_sheet(grid, out, title=f"train/test near-duplicates (cosine >= {threshold:.3f})", size=size)
+        grid = [[Tile(None, f"no pair at {measure} >= {threshold:.3f}")]]
+    return contact_sheet(grid, out, title=f"train/test near-duplicates ({measure} >= {threshold:.3f})", size=size)

@@ -77,7 +77,7 @@ def load_vectors(store: Store, key: str, rows: np.ndarray | None = None, batch: 
     dim = int(store.config(key).get("dim") or 0)
     out = None
     pos = 0
-    with tqdm(total=len(done), unit="row", desc=f"reading {key}", disable=not progress, file=sys.stderr,
+    with tqdm(total=len(done), unit="row", desc=f"reading {key}", disable=not progress or len(done) < 200_000, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for s, block in store.iter_vectors(key, batch):
             if out is None:

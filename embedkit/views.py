@@ -35,8 +35,11 @@ DEFAULTS = {"tsne": {"perplexity": 30.0, "seed": 0}, "umap": {"n_neighbors": 15,
             "pca": {"seed": 0}}
 
 
-def n_jobs() -> int:
-    """Threads for layouts: OMP_NUM_THREADS when set, else every core."""
+def n_jobs(n_rows: int | None = None) -> int:
+    """Threads for layouts: OMP_NUM_THREADS when set, else every core; one below 10,000 rows, where
+    openTSNE's Barnes-Hut gradient is fast single-threaded and threads only contend on a busy machine."""
+    if n_rows is not None and n_rows < 10_000:
+        return 1
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
 
@@ -69,7 +72,7 @@ def tsne_affinities(x: np.ndarray, perplexity: float = 30.0, *, knn_method: str 
     graph = FaissGraph(np.empty((n, 0), dtype=np.float32), k, metric="cosine")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return affinity.PerplexityBasedNN(knn_index=graph, perplexity=min(perplexity, (n - 1) / 3), n_jobs=n_jobs(),
+        return affinity.PerplexityBasedNN(knn_index=graph, perplexity=min(perplexity, (n - 1) / 3), n_jobs=n_jobs(n),
                                           random_state=seed)
 
 
@@ -82,7 +85,7 @@ def tsne_layout(x: np.ndarray, perplexity: float = 30.0, seed: int = 0, *, knn_m
     x = l2_normalize(x)
     aff = tsne_affinities(x, perplexity, knn_method=knn_method, seed=seed, progress=progress, log=log)
     init = initialization.pca(x, random_state=seed)
-    tsne = TSNE(n_jobs=n_jobs(), random_state=seed)
+    tsne = TSNE(n_jobs=n_jobs(len(x)), random_state=seed)
     total = tsne.early_exaggeration_iter + tsne.n_iter
     with tqdm(total=total, unit="it", desc="t-SNE", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         def tick(*_):
@@ -322,20 +325,24 @@ def palette(n: int) -> list:
 # --------------------------------------------------------------------------- drawing
 
 
-def spread_points(coords: np.ndarray, n_max: int) -> np.ndarray:
-    """Indices of up to ``n_max`` points, one per cell of a square grid (the one nearest the cell centre)."""
-    if len(coords) == 0:
-        return np.zeros(0, dtype=np.int64)
+def grid_cells(coords: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One point per occupied cell of a square grid of about ``n_max`` cells (the point nearest the cell centre).
+
+    Returns (point indices, cell centres [m, 2], cell size [2], grid origin [2]) in data units.
+    """
     g = max(1, int(np.sqrt(n_max)))
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
-    pos = (coords - lo) / span * g
+    size = span / g
+    pos = (coords - lo) / size
     cell = np.clip(pos.astype(int), 0, g - 1)
     dist = np.linalg.norm(pos - (cell + 0.5), axis=1)
     flat = cell[:, 0] * g + cell[:, 1]
     order = np.lexsort((dist, flat))
     first = np.r_[True, flat[order][1:] != flat[order][:-1]]
-    return np.sort(order[first])
+    pick = order[first]
+    centres = lo + (cell[pick] + 0.5) * size
+    return pick, centres, size, lo
 
 
 def plot_layout(store: Store, layout: Layout, colour: Colouring, out: str | os.PathLike, *, thumbnails: bool = False,
@@ -423,18 +430,16 @@ def plot_layout(store: Store, layout: Layout, colour: Colouring, out: str | os.P
 
 def _draw_thumbnails(ax, store: Store, rows: np.ndarray, xy: np.ndarray, colours: np.ndarray, max_thumbnails: int,
                      thumb_size: int, conv: Conversion) -> None:
-    """Draw cell images at their positions, one per grid cell, framed in their point's colour."""
+    """Draw cell images on a grid over the map: in each occupied cell, the cell's most central item,
+    framed in its point's colour (points stay visible between the tiles)."""
     from .sheets import item_thumbnails
 
-    pick = spread_points(xy, max_thumbnails)
-    g = max(1, int(np.sqrt(max_thumbnails)))
-    span = np.ptp(xy, axis=0)
-    w, h = (span / g * 0.92) if np.all(span > 0) else (1.0, 1.0)
+    pick, centres, (w, h), _ = grid_cells(xy, max_thumbnails)
+    w, h = w * 0.9, h * 0.9
     thumbs = item_thumbnails(store, rows[pick], conv, thumb_size)
-    for j, im in zip(pick, thumbs):
+    for j, (x, y), im in zip(pick, centres, thumbs):
         if im is None:
             continue
-        x, y = xy[j]
         ax.imshow(im, extent=(x - w / 2, x + w / 2, y - h / 2, y + h / 2), zorder=3, interpolation="bilinear")
         ax.add_patch(_frame(x - w / 2, y - h / 2, w, h, colours[j]))
     lo, hi = xy.min(axis=0), xy.max(axis=0)
@@ -446,7 +451,7 @@ def _draw_thumbnails(ax, store: Store, rows: np.ndarray, xy: np.ndarray, colours
 def _frame(x: float, y: float, w: float, h: float, colour: Sequence[float]):
     from matplotlib.patches import Rectangle
 
-    return Rectangle((x, y), w, h, fill=False, edgecolor=colour, lw=1.2, zorder=4)
+    return Rectangle((x, y), w, h, fill=False, edgecolor=colour, lw=1.8, zorder=4)
 
 
 def default_plot_path(store_path: str | os.PathLike, key: str, method: str, thumbnails: bool = False) -> Path:
