@@ -148,8 +148,6 @@ def encoder_for_queries(store: Store, key: str, weights: str | os.PathLike | Non
 def query_vectors(store: Store, key: str, queries: Sequence[Query], *, weights: str | os.PathLike | None = None,
                   device: str = "cpu") -> np.ndarray:
     """Vectors of the queries: stored vectors for items, freshly embedded ones (as the key was made) for images."""
-    from .embed import embed_images
-
     cfg = store.config(key)
     out = np.zeros((len(queries), int(cfg.get("dim") or 0)), dtype=np.float32)
     done = store.done(key)
@@ -166,6 +164,11 @@ def query_vectors(store: Store, key: str, queries: Sequence[Query], *, weights: 
         out[item_pos] = vecs[inverse]
     image_pos = [n for n, q in enumerate(queries) if not q.is_item]
     if image_pos:
+        from .embed import embed_images
+        from .images import read_image
+
+        for n in image_pos:  # a broken file fails here, before the encoder is built
+            read_image(queries[n].path)
         enc, conv = encoder_for_queries(store, key, weights)
         vecs = embed_images(enc, [queries[n].path for n in image_pos], conv, device=device)
         if out.shape[1] != vecs.shape[1]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..errors import EmbedkitError
@@ -55,10 +57,10 @@ def index(store, key, kind, out, nlist, target_recall, device, status, quiet):
         path = index_paths(store, key, out)[0]
         if record is None:
             click.echo(f"no index for key '{key}' ({path} does not exist); build one with 'embedkit index {store} --encoder {key}'")
-            raise click.exceptions.Exit(1)
+            sys.exit(1)
         if stale:
             click.echo(f"stale: {path.name}: {'; '.join(stale)}; rebuild with 'embedkit index {store} --encoder {key}'")
-            raise click.exceptions.Exit(1)
+            sys.exit(1)
         click.echo(f"up to date: {path.name} ({record['kind']}, {record['n_rows']:,} rows of '{key}', "
                    f"Recall@10 {record.get('recall_at_10', 1.0):.3f}, built {record['built']})")
         return
@@ -157,8 +159,7 @@ def neighbors(store, query, key, k, sheet, exclude_same_group, csv_out, index_pa
 @click.option("--sheet", type=click.Path(dir_okay=False), help="Save the most similar pairs side by side (PNG).")
 @click.option("--show", default=20, show_default=True, type=click.IntRange(0), help="Pairs to print.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.pass_context
-def leaks(ctx, store, splits_path, by, key, threshold, folds, csv_out, sheet, show, quiet):
+def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, quiet):
     """List near-duplicate items across the train/test split, and give a one-line verdict.
 
     Every test item is compared with all train and validation items; pairs at or above --threshold are
@@ -195,7 +196,7 @@ def leaks(ctx, store, splits_path, by, key, threshold, folds, csv_out, sheet, sh
         click.echo(f"wrote {pair_sheet(store, key, pairs, sheet, threshold=report.threshold, measure=report.measure)}")
     click.echo(report.verdict)
     if report.leaking:
-        ctx.exit(1)
+        sys.exit(1)
 
 
 @click.command()
