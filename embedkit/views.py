@@ -242,6 +242,7 @@ class Colouring:
     categorical: bool
     misclassified: np.ndarray | None = None
     note: str = ""
+    categories: list[str] | None = None  # fixes each category's colour (labels and predictions share colours)
 
 
 def read_predictions(path: str | os.PathLike, store: Store, run: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -291,12 +292,15 @@ def colouring(store: Store, color: str, predictions: str | os.PathLike | None = 
     if predictions is not None:
         pred, true, note = read_predictions(predictions, store, run)
         mis = (pred != "") & (true != "") & (pred != true)
+    classes = sorted(({str(v) for v in store.labels} | ({str(v) for v in pred} if pred is not None else set())) - {""})
     if color == "prediction":
         if pred is None:
             raise EmbedkitError("--color prediction needs --predictions PATH (a probe's predictions.csv)")
-        return Colouring("prediction", pred, True, mis, note)
-    if color in ("label", "group"):
-        return Colouring(color, store.column(color).astype(object), True, mis, note)
+        return Colouring("prediction", pred, True, mis, note, classes)
+    if color == "label":
+        return Colouring("label", store.labels.astype(object), True, mis, note, classes)
+    if color == "group":
+        return Colouring("group", store.groups.astype(object), True, mis, note)
     frame = store.items_frame()
     if color not in frame.columns:
         cols = ", ".join(c for c in frame.columns if c not in ("id", "path"))
@@ -309,14 +313,15 @@ def colouring(store: Store, color: str, predictions: str | os.PathLike | None = 
 
 
 def palette(n: int) -> list:
-    """``n`` distinguishable colours (tab10 / tab20, then evenly spaced hues)."""
+    """``n`` distinguishable colours, never grey (grey marks items without a value): tab10 / tab20 without
+    their greys, then evenly spaced hues."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import hsv_to_rgb
 
-    if n <= 10:
-        return [plt.cm.tab10(i) for i in range(n)]
-    if n <= 20:
-        return [plt.cm.tab20(i) for i in range(n)]
+    if n <= 9:
+        return [plt.cm.tab10(i) for i in range(10) if i != 7][:n]
+    if n <= 18:
+        return [plt.cm.tab20(i) for i in range(20) if i not in (14, 15)][:n]
     golden = 0.618033988749895
     return [tuple(hsv_to_rgb(((i * golden) % 1.0, 0.65 + 0.35 * (i % 2), 0.85 - 0.25 * (i % 3 == 2)))) + (1.0,)
             for i in range(n)]
@@ -372,9 +377,12 @@ def plot_layout(store: Store, layout: Layout, colour: Colouring, out: str | os.P
     if colour.categorical:
         has = vals != ""
         cats, counts = np.unique(vals[has].astype(str), return_counts=True)
-        cats = cats[np.argsort(-counts, kind="stable")]
-        counts = np.sort(counts)[::-1]
-        cols = dict(zip(cats, palette(len(cats))))
+        if colour.categories is not None:
+            cols = dict(zip(colour.categories, palette(len(colour.categories))))
+        else:
+            order = np.argsort(-counts, kind="stable")  # many groups: the most common first
+            cats, counts = cats[order], counts[order]
+            cols = dict(zip(cats, palette(len(cats))))
         if (~has).any():
             colour_of_row[~has] = (0.7, 0.7, 0.7, 1.0)
             missing_label = "not predicted" if colour.name == "prediction" else "(none)"

@@ -105,6 +105,7 @@ def test_index_is_saved_with_a_record_and_goes_stale_when_rows_are_added(lite0_s
     from embedkit.store import Store
 
     item = str(Store(lite0_store).ids[0])
+    assert "computed PCA of 320 rows" in run_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
     used = run_cli("neighbors", lite0_store, item, "-k", "3")
     assert "(hnsw)" in used.stdout and _table(used.stdout)[0]["id"] == item
     # two more cells arrive in the store: the saved index no longer covers it
@@ -121,6 +122,8 @@ def test_index_is_saved_with_a_record_and_goes_stale_when_rows_are_added(lite0_s
     assert _table(looked.stdout)[0]["id"] == new_id  # the new row is found although the index lacks it
     run_cli("index", lite0_store)
     assert "up to date" in run_cli("index", lite0_store, "--status").stdout
+    # the saved PCA view is stale too: it is recomputed, not reused
+    assert "computed PCA of 322 rows" in run_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
 
 
 def test_image_queries_use_the_keys_configuration_and_refuse_unrebuildable_weights(mitocheck_dir, tmp_path):

@@ -245,6 +245,8 @@ def view(store, key, method, color, predictions, run, thumbnails, max_thumbnails
     out = out or default_plot_path(store, key, method, thumbnails)
     conv = Conversion.from_dict(s.config(key).get("conversion"))
     path = plot_layout(s, layout, colour, out, thumbnails=thumbnails, max_thumbnails=max_thumbnails, conv=conv)
+    if colour.misclassified is not None:
+        click.echo(f"{colour.note}; {int(colour.misclassified.sum()):,} misclassified items marked with a cross")
     click.echo(f"wrote {path}")
 
 
