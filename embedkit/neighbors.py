@@ -287,13 +287,15 @@ def calibrate(built: BuiltIndex, x: np.ndarray, ids: np.ndarray, *, target_recal
     _, exact_pos = _batched_search(_flat(x), x[sample], kk + 1, exclude_self=False, batch=4096)
     exact = _drop_ids(ids[np.where(exact_pos >= 0, exact_pos, 0)], exact_pos < 0, ids[sample], kk)
     best = (-1.0, None)
+    flat_steps = 0
     for depth in depth_ladder(built):
         set_depth(built, depth)
         _, found = _batched_search(built.index, x[sample], kk + 1, exclude_self=False, batch=4096)
         r = recall_at_k(_drop_ids(found, found < 0, ids[sample], kk), exact, kk)
+        flat_steps = flat_steps + 1 if r < best[0] + 0.002 else 0
         if r > best[0]:
             best = (r, depth)
-        if r >= target_recall:
+        if r >= target_recall or flat_steps >= 2:  # reached, or a plateau (IVF-PQ's compressed codes)
             break
     if best[0] < target_recall:
         set_depth(built, best[1])
