@@ -115,11 +115,24 @@ def _batched_search(index, queries: np.ndarray, k: int, *, exclude_self: bool, b
     return sims, idx
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean fraction of each query's exact top-``k`` that the approximate top-``k`` also found."""
+def recall_per_query(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> np.ndarray:
+    """Fraction of each query's exact top-``k`` that the approximate top-``k`` also found."""
     a, e = approx[:, :k], exact[:, :k]
-    hits = [len(set(x[x >= 0]) & set(y[y >= 0])) / max(1, int((y >= 0).sum())) for x, y in zip(a, e)]
-    return float(np.mean(hits)) if hits else 1.0
+    return np.array([len(set(x[x >= 0]) & set(y[y >= 0])) / max(1, int((y >= 0).sum())) for x, y in zip(a, e)])
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
+    """Recall@k: mean fraction of each query's exact top-``k`` that the approximate top-``k`` also found."""
+    hits = recall_per_query(approx, exact, k)
+    return float(hits.mean()) if len(hits) else 1.0
+
+
+def recall_ci(hits: np.ndarray) -> tuple[float, float]:
+    """Normal-approximation 95% confidence interval of a mean recall over independent queries."""
+    if len(hits) < 2:
+        return float(hits.mean()) if len(hits) else 1.0, 1.0
+    half = 1.96 * float(hits.std(ddof=1)) / float(np.sqrt(len(hits)))
+    return float(max(0.0, hits.mean() - half)), float(min(1.0, hits.mean() + half))
 
 
 # --------------------------------------------------------------------------- index kinds
@@ -153,6 +166,7 @@ class BuiltIndex:
     params: dict = field(default_factory=dict)
     recall: float | None = None
     seconds: float = 0.0
+    recall_interval: tuple[float, float] | None = None
 
     @property
     def ntotal(self) -> int:
@@ -232,7 +246,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", ids: np.ndarray | None 
     if kind != "flat":
         calibrate(built, x, ids, target_recall=target_recall, n_queries=calibrate_queries, seed=seed, log=log)
     else:
-        built.recall = 1.0
+        built.recall, built.recall_interval = 1.0, (1.0, 1.0)
     built.seconds = time.perf_counter() - t0
     return built
 
@@ -273,8 +287,11 @@ def calibrate(built: BuiltIndex, x: np.ndarray, ids: np.ndarray, *, target_recal
               n_queries: int = 500, k: int = RECALL_K, seed: int = 0, log: Callable[[str], None] | None = None) -> float:
     """Raise the index's search depth until Recall@k on sampled database rows reaches ``target_recall``.
 
-    ``x`` must be the normalised database the index holds, ``ids`` its ids. Returns the measured recall
-    (also stored on ``built``); when even the deepest setting misses the target, the best one is kept.
+    The target counts as reached when the lower end of the recall's 95% confidence interval over the
+    sampled queries is at or above it, so the promise holds for queries beyond the sample too. ``x`` must
+    be the normalised database the index holds, ``ids`` its ids. Returns the measured recall (also stored
+    on ``built`` with its interval); when even the deepest setting misses the target (IVF-PQ's lossy codes
+    plateau), the best setting is kept.
     """
     n = len(x)
     rng = np.random.default_rng(seed + 1)
@@ -282,28 +299,29 @@ def calibrate(built: BuiltIndex, x: np.ndarray, ids: np.ndarray, *, target_recal
     kk = min(k, n - 1)
     if kk < 1:
         set_depth(built, depth_ladder(built)[0])
-        built.recall = 1.0
+        built.recall, built.recall_interval = 1.0, (1.0, 1.0)
         return 1.0
     _, exact_pos = _batched_search(_flat(x), x[sample], kk + 1, exclude_self=False, batch=4096)
     exact = _drop_ids(ids[np.where(exact_pos >= 0, exact_pos, 0)], exact_pos < 0, ids[sample], kk)
-    best = (-1.0, None)
+    best: tuple[float, int | None, tuple[float, float]] = (-1.0, None, (0.0, 0.0))
     flat_steps = 0
     for depth in depth_ladder(built):
         set_depth(built, depth)
         _, found = _batched_search(built.index, x[sample], kk + 1, exclude_self=False, batch=4096)
-        r = recall_at_k(_drop_ids(found, found < 0, ids[sample], kk), exact, kk)
+        hits = recall_per_query(_drop_ids(found, found < 0, ids[sample], kk), exact, kk)
+        r, ci = float(hits.mean()), recall_ci(hits)
         flat_steps = flat_steps + 1 if r < best[0] + 0.002 else 0
         if r > best[0]:
-            best = (r, depth)
-        if r >= target_recall or flat_steps >= 2:  # reached, or a plateau (IVF-PQ's compressed codes)
+            best = (r, depth, ci)
+        if ci[0] >= target_recall or flat_steps >= 2:  # reached, or a plateau (IVF-PQ's compressed codes)
             break
-    if best[0] < target_recall:
+    if best[2][0] < target_recall:
         set_depth(built, best[1])
-    built.recall = best[0]
+    built.recall, built.recall_interval = best[0], best[2]
     name = depth_parameter(built.kind)
     if log:
-        log(f"{name}={built.params[name]}: Recall@{kk} {best[0]:.3f} on {len(sample)} sampled rows "
-            f"(target {target_recall})")
+        log(f"{name}={built.params[name]}: Recall@{kk} {best[0]:.3f} (95% CI {best[2][0]:.3f}-{best[2][1]:.3f}) "
+            f"on {len(sample)} sampled rows (target {target_recall})")
     return best[0]
 
 

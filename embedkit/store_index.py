@@ -151,7 +151,8 @@ def build_store_index(store_path: str | os.PathLike, key: str, kind: str = "auto
         st = os.stat(tmp)
         params = {k: v for k, v in built.params.items() if k != "reason"}
         record = {"format": RECORD_VERSION, **cov, "kind": built.kind, "reason": built.params.get("reason"),
-                  "params": params, "recall_at_10": built.recall, "target_recall": target_recall, "dim": int(x.shape[1]),
+                  "params": params, "recall_at_10": built.recall,
+                  "recall_at_10_ci95": list(built.recall_interval or (1.0, 1.0)), "target_recall": target_recall, "dim": int(x.shape[1]),
                   "built": now_iso(), "build_seconds": round(built.seconds, 2), "faiss_version": faiss.__version__,
                   "embedkit_version": __version__, "index_file": index_path.name, "index_bytes": st.st_size,
                   "index_mtime_ns": st.st_mtime_ns}

@@ -76,7 +76,8 @@ def timed(fn, *a, **kw):
 def bench_search(db: np.ndarray, queries: np.ndarray, args, out: dict) -> None:
     import faiss
 
-    from embedkit.neighbors import RECALL_K, _batched_search, build_index, l2_normalize, recall_at_k, set_depth
+    from embedkit.neighbors import (RECALL_K, _batched_search, build_index, l2_normalize, recall_at_k, recall_ci,
+                                    recall_per_query, set_depth)
 
     k = RECALL_K
     flat = faiss.IndexFlatIP(db.shape[1])
@@ -88,9 +89,12 @@ def bench_search(db: np.ndarray, queries: np.ndarray, args, out: dict) -> None:
     for kind in args.kinds:
         built, t_build = timed(build_index, db, kind, target_recall=0.95, seed=0, log=log)
         (s, i), t_q = timed(built.search, queries, k, batch=1000)
-        rec = recall_at_k(i, exact_i, k)
+        hits = recall_per_query(i, exact_i, k)
+        rec, ci = float(hits.mean()), recall_ci(hits)
         entry = {"params": {k_: v for k_, v in built.params.items() if k_ != "reason"}, "build_seconds": round(t_build, 2),
-                 "calibration_recall_at_10": round(built.recall, 4), "recall_at_10": round(rec, 4),
+                 "calibration_recall_at_10": round(built.recall, 4),
+                 "calibration_recall_at_10_ci95": [round(v, 4) for v in built.recall_interval],
+                 "recall_at_10": round(rec, 4), "recall_at_10_ci95": [round(v, 4) for v in ci],
                  "seconds_per_1000_queries": per1k(t_q), "speedup_vs_exact": round(t_flat / t_q, 2) if t_q else None,
                  "meets_0.95": rec >= 0.95}
         depth = "efSearch" if kind == "hnsw" else "nprobe"

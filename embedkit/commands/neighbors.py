@@ -69,7 +69,7 @@ def index(store, key, kind, out, nlist, target_recall, device, status, quiet):
     r = saved.record
     if r.get("reason"):
         click.echo(f"auto: {r['reason']}")
-    if r["kind"] != "flat" and r["recall_at_10"] < target_recall:
+    if r["kind"] != "flat" and r["recall_at_10_ci95"][0] < target_recall:
         click.echo(f"warning: {r['kind']} reaches Recall@10 {r['recall_at_10']:.3f} at most, below the target "
                    f"{target_recall}; use --kind ivf or flat when accuracy matters", err=True)
     click.echo(f"wrote {saved.path} ({saved.describe().split(': ', 1)[1]}; {r['build_seconds']:.1f} s)")
