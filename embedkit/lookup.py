@@ -57,7 +57,11 @@ class _Ids:
 
     def unknown(self, name: str, where: str = "") -> EmbedkitError:
         hint = ""
-        if 0 < len(self.ids) <= 50_000:
+        starting = [str(i) for i in self.ids[:200_000] if str(i).startswith(name)] if name else []
+        if starting:
+            more = f" (or one of {len(starting) - 1} more ids starting so)" if len(starting) > 1 else ""
+            hint = f"; did you mean {starting[0]!r}{more}?"
+        elif 0 < len(self.ids) <= 50_000:
             close = difflib.get_close_matches(name, [str(i) for i in self.ids], n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f"; ids look like {str(self.ids[0])!r}"
         elif len(self.ids):

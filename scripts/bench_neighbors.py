@@ -31,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# OpenMP threads that spin while waiting slow FAISS down several-fold on a shared, busy machine
+# (IVF-PQ training: 66 s spinning vs 13 s passive with 2 threads here); set before FAISS loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def log(msg: str) -> None:
@@ -142,23 +145,27 @@ def bench_tsne(x: np.ndarray, args, out: dict) -> None:
     res = {"rows": len(x), "perplexity": 30, "iterations": "openTSNE defaults (250 early exaggeration + 500)",
            "threads": n_jobs(), "knn_preservation_k": 10, "knn_preservation_sample": len(sample)}
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     aff = tsne_affinities(x, 30, log=log)
     t_aff = time.perf_counter() - t0
     emb = np.asarray(TSNE(n_jobs=n_jobs(), random_state=0).fit(affinities=aff, initialization=init))
     t_total = time.perf_counter() - t0
     res["faiss_affinities"] = {"seconds": round(t_total, 1), "affinity_seconds": round(t_aff, 1),
-                               "knn_preservation": round(knn_preservation(x, emb, sample), 4)}
+                               "knn_preservation": round(knn_preservation(x, emb, sample), 4),
+                               "load_average_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     log(f"t-SNE with FAISS affinities: {t_total:.0f} s (kNN + affinities {t_aff:.0f} s)")
     del aff, emb
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     tsne = TSNE(n_jobs=n_jobs(), random_state=0, metric="cosine", perplexity=30)
     emb = np.asarray(tsne.fit(x, initialization=init))
     t_total = time.perf_counter() - t0
     res["opentsne_default_neighbors"] = {"seconds": round(t_total, 1), "neighbors": "auto (Annoy for N >= 1000)",
                                          "metric": "cosine",
-                                         "knn_preservation": round(knn_preservation(x, emb, sample), 4)}
+                                         "knn_preservation": round(knn_preservation(x, emb, sample), 4),
+                                         "load_average_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     log(f"t-SNE with openTSNE's own neighbour search: {t_total:.0f} s")
     res["speedup"] = round(res["opentsne_default_neighbors"]["seconds"] / res["faiss_affinities"]["seconds"], 2)
     out["tsne"] = res
@@ -253,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     db, db_src = tile(base_n, args.rows, sigma, rng)
     q_src = rng.choice(len(base_n), args.queries)
     queries = base_n[q_src] + rng.standard_normal((args.queries, base.shape[1]), dtype=np.float32) * sigma
-    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"platform": platform.platform(),
+    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "machine": {"platform": platform.platform(),
            "cpu_count": os.cpu_count(), "threads": args.threads, "faiss": faiss.__version__,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "load_average_at_start": os.getloadavg()[0]},
            "data": {"store": store, "encoder": "efficientnet_lite0", "real_cells": len(base), "dim": int(base.shape[1]),
                     "rows": len(db), "queries": len(queries), "noise_fraction_of_nn_distance": args.noise,

@@ -36,7 +36,8 @@ def _use_gpu(device: str) -> bool:
 @click.option("--out", type=click.Path(dir_okay=False), help="Index file [default: beside the store, <store>.<key>.faiss].")
 @click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: about 4 sqrt(rows)].")
 @click.option("--target-recall", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True,
-              help="Search depth (nprobe / efSearch) is raised until Recall@10 against exact search reaches this.")
+              help="Search depth (nprobe / efSearch) is raised until Recall@10 against exact search, measured on 500 "
+                   "sampled rows, reaches this (lower end of its 95% confidence interval).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="gpu needs faiss-gpu and a GPU; auto uses one when both are present.")
 @click.option("--status", is_flag=True, help="Build nothing: say whether the saved index is up to date (exit 1 if stale or missing).")
@@ -122,16 +123,16 @@ def neighbors(store, query, key, k, sheet, exclude_same_group, csv_out, index_pa
     sims, rows = search_store(s, key, qvecs, k, exclude_groups=excl, index=saved)
     table = neighbors_frame(s, queries, sims, rows)
     how = f"index {saved.path.name} ({saved.record['kind']})" if saved is not None else "exact scan"
-    labels = s.labels
+    labels, ids = s.labels, s.ids
     for qi, q in enumerate(queries):
-        sub = table[table["query"] == q.name]
         desc = f"item, label {labels[q.row] or '-'}, group {groups[q.row]}" if q.is_item else (
-            "image file" + (f" of item {s.ids[q.row]}" if q.row is not None else ""))
+            "image file" + (f" of item {ids[q.row]}" if q.row is not None else ""))
         click.echo(f"query {q.name} ({desc}); {k} nearest under '{key}' by {how}"
                    f"{', other groups only' if exclude_same_group and excl and excl[qi] else ''}:")
         click.echo(f"{'rank':>4}  {'similarity':>10}  {'label':<20} {'group':<18} id")
-        for r in sub.itertuples(index=False):
-            click.echo(f"{r.rank:>4}  {r.similarity:>10.4f}  {r.label[:20]:<20} {r.group[:18]:<18} {r.id}")
+        for rank, (sim, row) in enumerate(zip(sims[qi], rows[qi]), start=1):
+            if row >= 0:
+                click.echo(f"{rank:>4}  {sim:>10.4f}  {str(labels[row])[:20]:<20} {str(groups[row])[:18]:<18} {ids[row]}")
     if csv_out:
         tmp = f"{csv_out}.tmp-{os.getpid()}"
         table.to_csv(tmp, index=False)
@@ -202,7 +203,8 @@ def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, q
 @click.command()
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
 @click.option("--encoder", "key", help=KEY_HELP)
-@click.option("--method", type=click.Choice(["tsne", "umap", "pca"]), default="tsne", show_default=True)
+@click.option("--method", type=click.Choice(["tsne", "umap", "pca"]), default="tsne", show_default=True,
+              help="tsne: openTSNE on FAISS k-NN affinities; umap: umap-learn on a FAISS k-NN graph; pca: linear.")
 @click.option("--color", "color", default=None,
               help="label, group, prediction (needs --predictions) or any item column [default: label, or prediction "
                    "when --predictions is given].")
@@ -210,7 +212,8 @@ def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, q
               help="A probe's predictions.csv: colour by prediction and mark misclassified items with a cross.")
 @click.option("--run", help="Which run of predictions.csv to use [default: each item's most frequent prediction].")
 @click.option("--thumbnails", is_flag=True, help="Draw the cell images at their positions (one per grid cell).")
-@click.option("--max-thumbnails", default=400, show_default=True, type=click.IntRange(1))
+@click.option("--max-thumbnails", default=400, show_default=True, type=click.IntRange(1),
+              help="About how many thumbnails: the map is divided into a grid of this many cells.")
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG to write [default: beside the store, <store>.<key>.<method>.png].")
 @click.option("--perplexity", type=click.FloatRange(1, None), help="t-SNE perplexity [30].")
 @click.option("--n-neighbors", type=click.IntRange(2), help="UMAP neighbours [15].")
