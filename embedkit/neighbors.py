@@ -375,7 +375,37 @@ def knn(database: np.ndarray, queries: np.ndarray, k: int, *, method: str = "aut
         raise EmbedkitError(f"k-NN method {method!r}: choose auto, exact, ivf or hnsw")
     with tqdm(total=len(queries), unit="q", desc=f"{k}-NN search ({method})", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        return _batched_search(searcher, queries, k, exclude_self=exclude_self, batch=4096, progress=bar.update)
+        sims, idx = _batched_search(searcher, queries, k, exclude_self=exclude_self, batch=4096, progress=bar.update)
+    if method != "exact":
+        n_short = _fill_short_rows(database, queries, sims, idx, exclude_self)
+        if n_short and log:
+            log(f"{n_short:,} queries found fewer than {k} neighbours in the probed lists; answered them exactly")
+    return sims, idx
+
+
+def _fill_short_rows(database: np.ndarray, queries: np.ndarray, sims: np.ndarray, idx: np.ndarray, exclude_self: bool) -> int:
+    """Redo exactly the queries for which an approximate index returned fewer neighbours than exist.
+
+    The few IVF lists one query probes can hold fewer than k rows; a graph with holes would corrupt
+    t-SNE/UMAP, so those queries get an exact answer instead (in place).
+    """
+    k = idx.shape[1]
+    available = len(database) - (1 if exclude_self else 0)
+    short = np.flatnonzero((idx < 0).sum(axis=1) > max(0, k - available))
+    if len(short) == 0:
+        return 0
+    faiss = _faiss()
+    db = l2_normalize(database)
+    flat = faiss.IndexFlatIP(db.shape[1])
+    flat.add(db)
+    kk = min(k + (1 if exclude_self else 0), len(db))
+    d, i = flat.search(l2_normalize(queries[short]), kk)
+    for r, q in enumerate(short):
+        keep = (i[r] != q) & (i[r] >= 0) if exclude_self else i[r] >= 0
+        dd, ii = d[r][keep][:k], i[r][keep][:k]
+        sims[q], idx[q] = -np.inf, -1
+        sims[q, :len(ii)], idx[q, :len(ii)] = dd, ii
+    return len(short)
 
 
 def knn_graph(vectors: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:

@@ -56,6 +56,8 @@ def tsne_affinities(x: np.ndarray, perplexity: float = 30.0, *, knn_method: str 
     n = len(x)
     k = int(min(n - 1, 3 * perplexity))
     sims, idx = knn_graph(x, k, method=knn_method, seed=seed, progress=progress, log=log)
+    if (idx < 0).any():
+        raise RuntimeError("k-NN graph has missing neighbours; refusing to hand it to openTSNE")
     dist = np.sqrt(np.clip(2.0 - 2.0 * sims, 0.0, None)).astype(np.float64)  # Euclidean on the unit sphere
 
     class FaissGraph(KNNIndex):
@@ -103,6 +105,8 @@ def umap_layout(x: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, see
     n = len(x)
     nn = int(min(n_neighbors, n - 1))
     sims, idx = knn_graph(x, nn - 1, method=knn_method, seed=seed, progress=progress, log=log)
+    if (idx < 0).any():
+        raise RuntimeError("k-NN graph has missing neighbours; refusing to hand it to umap-learn")
     idx = np.concatenate([np.arange(n)[:, None], idx], axis=1)  # umap-learn expects each point first
     dist = np.concatenate([np.zeros((n, 1), np.float32), np.clip(1.0 - sims, 0.0, 2.0)], axis=1)
     with warnings.catch_warnings():
