@@ -36,7 +36,7 @@ def lite0(lite0_store_ro):
 
 def test_search_api_is_exact_and_approximate_indexes_reach_target_recall(lite0):
     from embedkit.errors import EmbedkitError
-    from embedkit.neighbors import build_index, knn_graph, recall_at_k, search
+    from embedkit.neighbors import build_index, knn, knn_graph, recall_at_k, search
 
     _, _, x = lite0
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -56,6 +56,11 @@ def test_search_api_is_exact_and_approximate_indexes_reach_target_recall(lite0):
         assert (i2[:, 0] == np.arange(len(x)) + 1000).mean() > 0.99  # ids are the ones given at build time
     with pytest.raises(EmbedkitError, match="ivfpq needs at least"):
         build_index(x, "ivfpq")
+    # k larger than the few IVF lists a query probes hold: those queries are answered exactly, no holes
+    s3, i3 = knn(x, x, 200, method="ivf", exclude_self=True)
+    e3, j3 = knn(x, x, 200, method="exact", exclude_self=True)
+    assert (i3 >= 0).all() and not (i3 == np.arange(len(x))[:, None]).any()
+    assert recall_at_k(i3, j3, 200) > 0.95 and np.all(s3 <= e3 + 1e-5)
 
 
 def test_item_lookup_returns_itself_first_with_sheet_csv_and_group_exclusion(lite0, lite0_store_ro, tmp_path):
