@@ -1,0 +1,213 @@
+"""What ``explain`` explains: a fine-tuned network, or a frozen encoder composed with a saved linear probe.
+
+Both become an :class:`ExplainModel`: one differentiable module from normalised images to class logits,
+the network whose layer names ``--layer`` refers to, the classes, and the exact preprocessing the model
+was trained with (so explained pixels are the pixels the model saw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..encoders import Encoder, Preprocess
+from ..errors import EmbedkitError
+from ..images import Conversion
+
+FINETUNE_FILE = "model.json"
+PROBE_FILE = "probe.json"
+
+
+@dataclass
+class ExplainModel:
+    """A classifier ready for CAMs: ``net(x) -> logits`` on tensors prepared with ``preprocess``."""
+
+    net: nn.Module
+    backbone: nn.Module  # the network whose named_modules() name the layers (--layer)
+    classes: list[str]
+    preprocess: Preprocess
+    conversion: Conversion = field(default_factory=Conversion)
+    kind: str = "module"  # 'finetune', 'probe' or 'module'
+    source: str = ""
+    num_prefix_tokens: int | None = None  # ViTs: CLS + register tokens; None: read from the backbone
+    info: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "ExplainModel":
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def class_index(self, name: str) -> int:
+        """Index of a class by name, with the list of classes when it is not one of them."""
+        if name not in self.classes:
+            shown = ", ".join(self.classes[:20]) + (" ..." if len(self.classes) > 20 else "")
+            raise EmbedkitError(f"--target {name!r}: not a class of this model; use 'predicted' or one of: {shown}")
+        return self.classes.index(name)
+
+
+class EncoderWithHead(nn.Module):
+    """A frozen encoder followed by a probe head, as one differentiable module: images -> logits.
+
+    The encoder's weights stay frozen (``requires_grad=False``); gradients still flow through it to
+    its activations as long as the input requires grad, which is all a CAM needs.
+    """
+
+    def __init__(self, encoder: Encoder, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def compose(encoder: Encoder, head: nn.Module, classes: list[str], conversion: Conversion | None = None,
+            source: str = "", info: dict | None = None) -> ExplainModel:
+    """Wrap a frozen encoder and a head mapping its features [B, D] to logits [B, K] for explanation."""
+    net = EncoderWithHead(encoder, head).eval()
+    return ExplainModel(net, encoder.model, list(classes), encoder.preprocess, conversion or Conversion(), "probe",
+                        source, encoder.num_prefix_tokens, dict(info or {}))
+
+
+def wrap_classifier(net: nn.Module, classes: list[str], preprocess: Preprocess, conversion: Conversion | None = None,
+                    source: str = "", info: dict | None = None) -> ExplainModel:
+    """Wrap any classifier network (images -> logits) whose own layers are the ones to explain."""
+    return ExplainModel(net.eval(), net, list(classes), preprocess, conversion or Conversion(), "module", source,
+                        None, dict(info or {}))
+
+
+def find_model_folder(path: str | os.PathLike) -> Path:
+    """The folder holding ``model.json`` (fine-tuned) or ``probe.json`` (probe): PATH itself or one below it."""
+    p = Path(path)
+    if p.is_file() and p.name in (FINETUNE_FILE, PROBE_FILE):
+        p = p.parent
+    if not p.exists():
+        raise EmbedkitError(f"MODEL {path}: no such folder; give a folder written by 'embedkit finetune' or 'embedkit probe'")
+    if not p.is_dir():
+        raise EmbedkitError(f"MODEL {path}: expected a folder holding {FINETUNE_FILE} (fine-tuned) or {PROBE_FILE} (probe)")
+    if (p / FINETUNE_FILE).exists() or (p / PROBE_FILE).exists():
+        return p
+    found = sorted({f.parent for name in (FINETUNE_FILE, PROBE_FILE) for f in p.rglob(name)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise EmbedkitError(f"MODEL {path}: holds no {FINETUNE_FILE} or {PROBE_FILE}; give a folder written by "
+                            f"'embedkit finetune' or 'embedkit probe'")
+    shown = ", ".join(str(f) for f in found[:8]) + (" ..." if len(found) > 8 else "")
+    raise EmbedkitError(f"MODEL {path}: holds {len(found)} models ({shown}); name one of them")
+
+
+def load_model(path: str | os.PathLike) -> ExplainModel:
+    """Load a fine-tuned checkpoint folder or a saved probe (with its frozen encoder) for explanation."""
+    folder = find_model_folder(path)
+    if (folder / FINETUNE_FILE).exists():
+        return load_finetune_folder(folder)
+    return load_probe_folder(folder)
+
+
+def _read_json(path: Path, expected_format: str) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EmbedkitError(f"{path}: not readable JSON ({exc})") from None
+    if info.get("format") != expected_format:
+        raise EmbedkitError(f"{path}: format {info.get('format')!r}, expected {expected_format!r}")
+    return info
+
+
+def preprocess_from_dict(d: dict) -> Preprocess:
+    """Inverse of ``Preprocess.to_dict``."""
+    d = dict(d)
+    for k in ("mean", "std"):
+        if k in d:
+            d[k] = tuple(float(v) for v in d[k])
+    return Preprocess(**{k: v for k, v in d.items() if k in Preprocess.__dataclass_fields__})
+
+
+def load_finetune_folder(folder: Path) -> ExplainModel:
+    """A fine-tuned timm classifier: ``model.json`` + ``model.safetensors``."""
+    info = _read_json(folder / FINETUNE_FILE, "embedkit-finetune")
+    net, info = _load_finetuned(folder, info)
+    classes = [str(c) for c in info["classes"]]
+    return ExplainModel(net.eval(), net, classes, preprocess_from_dict(info["preprocess"]),
+                        Conversion.from_dict(info.get("conversion")), "finetune", str(folder), None, info)
+
+
+def _load_finetuned(folder: Path, info: dict) -> tuple[nn.Module, dict]:
+    try:
+        from ..finetune import load_finetuned
+    except ImportError:
+        load_finetuned = None
+    if load_finetuned is not None:
+        return load_finetuned(folder)
+    from safetensors.torch import load_file
+
+    from ..encoders.timm_backend import create_timm_model
+
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise EmbedkitError(f"{folder}: model.json without model.safetensors; the checkpoint is incomplete")
+    size = int(info.get("preprocess", {}).get("size", 224))
+    net = create_timm_model(info["model"], size, pretrained=False, weights=None, num_classes=len(info["classes"]))
+    try:
+        net.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as exc:
+        raise EmbedkitError(f"{weights}: does not fit {info['model']} ({str(exc).splitlines()[0][:200]})") from None
+    return net, info
+
+
+def load_probe_folder(folder: Path) -> ExplainModel:
+    """A saved linear probe and the frozen encoder it was fitted on, composed into one module."""
+    from ..encoders import encoder_from_config
+
+    info = _read_json(folder / PROBE_FILE, "embedkit-probe")
+    head, classes = _probe_head(folder, info)
+    config = info["encoder_config"]
+    encoder = encoder_from_config(config)
+    return compose(encoder, head, classes, Conversion.from_dict(config.get("conversion")), str(folder),
+                   {"head": info.get("head"), "encoder_key": info.get("encoder_key"), "encoder": config.get("encoder")})
+
+
+def _probe_head(folder: Path, info: dict) -> tuple[nn.Module, list[str]]:
+    """The probe's head as a torch module mapping raw encoder features to logits."""
+    try:
+        from ..probe import load_probe
+    except ImportError:
+        load_probe = None
+    if load_probe is not None:
+        probe = load_probe(folder)
+        if not hasattr(probe, "torch_module"):
+            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no gradient; explain needs a linear head (logreg, svm)")
+        try:
+            return probe.torch_module(), [str(c) for c in probe.classes]
+        except NotImplementedError:
+            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no gradient; explain needs a linear head (logreg, svm)") from None
+    arrays = folder / "probe.npz"
+    if not arrays.exists():
+        raise EmbedkitError(f"{folder}: probe.json without probe.npz; the probe is incomplete")
+    with np.load(arrays, allow_pickle=False) as z:
+        if "coef" not in z.files:
+            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no linear weights; explain needs a linear head")
+        coef = z["coef"].astype(np.float32)
+        intercept = z["intercept"].astype(np.float32) if "intercept" in z.files else np.zeros(len(coef), np.float32)
+        mean = z["mean"].astype(np.float32) if "mean" in z.files else None
+        scale = z["scale"].astype(np.float32) if "scale" in z.files else None
+    if coef.shape[0] == 1 and len(info["classes"]) == 2:  # binary: one score z, softmax([-z/2, z/2]) = sigmoid(z)
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    if mean is not None:  # fold standardisation into the linear layer: ((x - m) / s) W^T + b
+        s = scale if scale is not None else np.ones_like(mean)
+        coef, intercept = coef / s[None, :], intercept - (coef / s[None, :]) @ mean
+    head = nn.Linear(coef.shape[1], coef.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(coef))
+        head.bias.copy_(torch.from_numpy(intercept))
+    return head.eval(), [str(c) for c in info["classes"]]
