@@ -60,9 +60,8 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
         raise EmbedkitError("give ITEMS or --select, not both")
     if not list_layers and not items and select is None:
         raise EmbedkitError("nothing to explain: give image files, store item ids (with --store), or --select")
-    mdl = load_model(model)
     if list_layers:
-        _print_layers(mdl)
+        _print_layers(load_model(model))
         return
     store = StoreItems(store_path) if store_path else None
     if select is not None:
@@ -71,6 +70,7 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
         click.echo(f"selected {len(chosen)} items ({select}) from {csv_path}", err=True)
     else:
         chosen = resolve_items(items, store)
+    mdl = load_model(model)
     res = run_explain(mdl, chosen, out_dir, methods=methods, target=target, layer=layer, store=store,
                       faithfulness=faithfulness, steps=steps, device=device, batch_size=batch_size, progress=not quiet)
     click.echo(f"explained {len(res.items)} images with {', '.join(res.methods)} at layer {res.layer}; "

@@ -4,7 +4,8 @@ Deletion (Petsiuk et al., RISE, 2018) removes pixels in order of decreasing sali
 with black, and records the target class probability; a faithful map makes it fall fast (low area
 under the curve). Insertion starts from a heavily blurred image and puts the original pixels back in
 the same order; a faithful map makes the probability rise fast (high area). ``insertion - deletion``
-summarises both (higher is better). A random map is scored alongside as the chance reference.
+summarises both (higher is better). A random map at the layer's resolution is scored alongside as the
+chance reference.
 Ties in a map (flat zero regions) are broken at random, never in raster order.
 """
 
@@ -93,9 +94,14 @@ def deletion_insertion(net: nn.Module, x: torch.Tensor, saliency: np.ndarray, ta
     return Curves(fractions, curves["deletion"], curves["insertion"])
 
 
-def random_saliency(shape: tuple[int, int], seed: int) -> np.ndarray:
-    """The chance reference: a map of independent uniform noise."""
-    return np.random.default_rng(seed).random(shape).astype(np.float32)
+def random_saliency(shape: tuple[int, int], grid: tuple[int, int], seed: int) -> np.ndarray:
+    """The chance reference: uniform noise on the CAM layer's grid, upsampled like a CAM.
+
+    It has the same blob size as the maps it is compared with, so deletion removes pixels in blobs for
+    both; pixel-wise noise would shred the image and look spuriously "faithful" under deletion.
+    """
+    noise = torch.from_numpy(np.random.default_rng(seed).random(tuple(grid)).astype(np.float32))[None, None]
+    return F.interpolate(noise, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def summarize(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:

@@ -42,6 +42,14 @@ class ExplainModel:
         self.net.to(device)
         return self
 
+    def describe(self) -> str:
+        """A short human name: 'efficientnet_lite0 + logreg probe', 'fine-tuned resnet50'."""
+        if self.kind == "probe":
+            return f"{self.info.get('encoder', 'encoder')} + {self.info.get('head', 'linear')} probe"
+        if self.kind == "finetune":
+            return f"fine-tuned {self.info.get('model', 'network')}"
+        return type(self.net).__name__
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device

@@ -152,7 +152,7 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
                                      **{f"map_{m}": f"maps/{name}.{m}.npy" for m in methods}})
                 if faithfulness:
                     sal = {m: cams[m].maps[k] for m in methods}
-                    sal[fa.RANDOM] = fa.random_saliency(tuple(x.shape[-2:]), seed + start + k)
+                    sal[fa.RANDOM] = fa.random_saliency(tuple(x.shape[-2:]), cams[methods[0]].grid.shape[1:], seed + start + k)
                     for m, s in sal.items():
                         c = fa.deletion_insertion(model.net, x[k:k + 1], s, int(targets[k]), model.preprocess, steps=steps,
                                                   seed=seed + start + k)
@@ -165,7 +165,7 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
             bar.update(len(batch))
     finally:
         bar.close()
-    grid_title = title or f"{', '.join(methods)} at {result.layer}; {model.kind} {Path(model.source).name or ''}".strip()
+    grid_title = title or f"{', '.join(methods)} at layer {result.layer} of {model.describe()}"
     grid_figure(panels, methods, grid_title, out / "grid.png")
     _write_items_csv(out / "items.csv", result.items)
     if faithfulness:
