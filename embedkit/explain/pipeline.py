@@ -115,7 +115,8 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
     faith_rows: list[dict] = []
     curves: dict[str, dict[str, list]] = {}
     fractions = None
-    module = None
+    first = to_tensor(load_item_rgb(items[0], model.conversion, store), model.preprocess)[None].to(dev)
+    result.layer, module = resolve_layer(model, layer, trace_layers(model, first))
     bar = tqdm(total=len(items), unit="img", desc=f"explain {','.join(methods)}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
@@ -123,9 +124,6 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
             batch = list(items[start:start + batch_size])
             rgbs = [load_item_rgb(it, model.conversion, store) for it in batch]
             x = torch.stack([to_tensor(rgb, model.preprocess) for rgb in rgbs]).to(dev)
-            if module is None:
-                trace = trace_layers(model, x[:1])
-                result.layer, module = resolve_layer(model, layer, trace)
             with torch.no_grad():
                 proba = torch.softmax(model.net(x).float(), dim=1).cpu().numpy()
             preds = proba.argmax(axis=1)

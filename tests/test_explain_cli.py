@@ -1,0 +1,191 @@
+"""``embedkit explain`` end to end: a saved probe on the real frozen efficientnet_lite0, a fine-tuned
+checkpoint folder, selections from predictions.csv, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+from embedkit.images import read_image
+from embedkit.store import Store
+
+SPOT = (slice(3, 13), slice(3, 13))  # a bright square in the top-left corner of a 64 x 64 cell
+
+
+def fit_linear(Z: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A multinomial logistic-regression head fitted with torch (full batch, L2): (coef [K, D], intercept [K])."""
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(Z.shape[1], n_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=0.01, weight_decay=1e-3)
+    zt, yt = torch.from_numpy(Z.astype(np.float32)), torch.from_numpy(y)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(zt), yt).backward()
+        opt.step()
+    return head.weight.detach().numpy(), head.bias.detach().numpy()
+
+
+def save_probe(folder: Path, store_path: Path, key: str) -> None:
+    """Fit a linear probe on a store key and save it with grouped out-of-fold predictions."""
+    from sklearn.model_selection import GroupKFold
+
+    from embedkit.results import predictions_frame
+
+    s = Store(store_path)
+    X, labels, groups = s.vectors(key), s.labels, s.groups
+    mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
+    Z = (X - mean) / scale
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels])
+    proba = np.zeros((len(y), len(classes)))
+    for train, test in GroupKFold(2).split(Z, y, groups):
+        coef, intercept = fit_linear(Z[train], y[train], len(classes))
+        logits = Z[test] @ coef.T + intercept
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        proba[test] = e / e.sum(axis=1, keepdims=True)
+    coef, intercept = fit_linear(Z, y, len(classes))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "probe.npz", coef=coef, intercept=intercept, mean=mean, scale=scale)
+    (folder / "probe.json").write_text(json.dumps({"format": "embedkit-probe", "head": "logreg", "classes": classes,
+                                                   "encoder_key": key, "encoder_config": s.config(key)}))
+    predictions_frame(s.ids, groups, labels, proba, classes).to_csv(folder / "predictions.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def spot_probe(tmp_path_factory, mitocheck_dir):
+    """Real cells, each once plain and once with a bright top-left spot; a lite0 probe told them apart."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("spot")
+    data = root / "data"
+    cells = [sorted(d.glob("*.png"))[1] for d in sorted(p for p in mitocheck_dir.iterdir() if p.is_dir())][:12]
+    for cls in ("plain", "spot"):
+        (data / cls).mkdir(parents=True)
+        for c in cells:
+            arr = read_image(c)[..., 0].copy()
+            if cls == "spot":
+                arr[SPOT] = 255
+            Image.fromarray(arr).save(data / cls / c.name)
+    store = root / "spot.h5"
+    run_cli("embed", data, "--store", store, "--group-by", "mitocheck", "--quiet")
+    save_probe(root / "probe", store, "efficientnet_lite0")
+    return root
+
+
+def peak_in_corner(m: np.ndarray) -> bool:
+    r, c = np.unravel_index(m.argmax(), m.shape)
+    h, w = m.shape
+    return r < h // 2 and c < w // 2 and m[:h // 2, :w // 2].mean() > 2 * m[h // 2:, w // 2:].mean()
+
+
+def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_path):
+    out = tmp_path / "cams"
+    proc = run_cli("explain", spot_probe / "probe", "--store", spot_probe / "spot.h5", "--select", "per-class",
+                   "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "4", "--out", out, "--quiet")
+    assert "explained 4 images" in proc.stdout and "layer bn2" in proc.stdout
+    items = pd.read_csv(out / "items.csv", keep_default_na=False)
+    assert sorted(items["true"]) == ["plain"] * 2 + ["spot"] * 2
+    spots = items[items["true"] == "spot"]
+    assert (spots["pred"] == "spot").all() and (spots["score"] > 0.5).all()
+    for _, row in spots.iterrows():
+        for m in ("gradcam", "hirescam"):
+            cam = np.load(out / row[f"map_{m}"])
+            assert cam.shape == (64, 64) and np.isfinite(cam).all()
+            assert peak_in_corner(cam), (row["id"], m)
+    for row in items.itertuples():
+        assert (out / row.overlay).exists()
+    faith = pd.read_csv(out / "faithfulness.csv")
+    assert list(faith["method"]) == ["gradcam", "hirescam", "random"]
+    assert faith["insertion"].between(0, 1).all() and faith["deletion"].between(0, 1).all()
+    assert (out / "faithfulness.png").exists() and (out / "grid.png").exists()
+    info = json.loads((out / "explain.json").read_text())
+    assert info["model"]["kind"] == "probe" and info["model"]["encoder"] == "efficientnet_lite0"
+
+
+def test_image_files_with_a_chosen_target_class(spot_probe, tmp_path):
+    files = sorted((spot_probe / "data" / "spot").glob("*.png"))[:2]
+    out = tmp_path / "cams"
+    run_cli("explain", spot_probe / "probe", *files, "--target", "plain", "--method", "eigencam", "--out", out, "--quiet")
+    items = pd.read_csv(out / "items.csv", keep_default_na=False)
+    assert list(items["target"]) == ["plain", "plain"] and (items["pred"] == "spot").all()
+    assert (items["target_score"] < 0.5).all()
+    for row in items.itertuples():
+        assert np.load(out / row.map_eigencam).shape == (64, 64)
+
+
+def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path):
+    probe = tmp_path / "probe"
+    save_probe(probe, lite0_store_ro, "efficientnet_lite0")
+    out = tmp_path / "cams"
+    proc = run_cli("explain", probe, "--store", lite0_store_ro, "--select", "misclassified", "--n", "3", "--out", out)
+    assert "selected 3 items (misclassified)" in proc.stderr
+    items = pd.read_csv(out / "items.csv", keep_default_na=False)
+    pred = pd.read_csv(probe / "predictions.csv", keep_default_na=False)
+    wrong = pred[pred["true"] != pred["pred"]]
+    confidence = wrong.apply(lambda r: r[f"p_{r['pred']}"], axis=1)
+    assert list(items["id"]) == list(wrong.loc[confidence.sort_values(ascending=False).index[:3], "id"])
+    assert (items["recorded_pred"] != items["true"]).all()
+    assert len(list((out / "maps").glob("*.hirescam.npy"))) == 3
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A fine-tuned checkpoint folder in the finetune format (a tiny timm EfficientNet, random weights)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from embedkit.encoders import Preprocess
+    from embedkit.images import Conversion
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("finetune") / "model"
+    folder.mkdir()
+    classes = ["Anaphase", "Interphase", "Metaphase"]
+    net = timm.create_model("test_efficientnet", num_classes=len(classes))
+    save_file(net.state_dict(), str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps({
+        "format": "embedkit-finetune", "version": 1, "model": "test_efficientnet", "classes": classes,
+        "preprocess": Preprocess(96, (0.5,) * 3, (0.5,) * 3, "bilinear").to_dict(),
+        "conversion": Conversion().to_dict()}))
+    return folder
+
+
+def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, mitocheck_dir, tmp_path):
+    listing = run_cli("explain", finetuned, "--list-layers").stdout
+    assert "bn2" in listing and "<- default" in listing and "blocks.2" in listing
+    files = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[:2]
+    out = tmp_path / "cams"
+    run_cli("explain", finetuned.parent, *files, "--method", "gradcam++,scorecam", "--layer", "blocks.2", "--out", out,
+            "--quiet")
+    info = json.loads((out / "explain.json").read_text())
+    assert info["layer"] == "blocks.2" and info["model"]["kind"] == "finetune"
+    for m in ("gradcam++", "scorecam"):
+        maps = sorted((out / "maps").glob(f"*.{m}.npy"))
+        assert len(maps) == 2 and all(np.load(p).shape == (64, 64) and np.isfinite(np.load(p)).all() for p in maps)
+
+
+def one_line_error(proc, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embedkit: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_inputs_get_one_clear_line(finetuned, spot_probe, mitocheck_dir, tmp_path):
+    cell = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[0]
+    one_line_error(run_cli("explain", finetuned, cell, "--method", "gradcam,lime", "--out", tmp_path, check=False),
+                   "unknown method", "hirescam")
+    one_line_error(run_cli("explain", finetuned, cell, "--layer", "blocks.9", "--out", tmp_path, check=False),
+                   "no such layer", "blocks.2", "--list-layers")
+    one_line_error(run_cli("explain", spot_probe / "probe", "plain/no-such-cell.png", "--store", spot_probe / "spot.h5",
+                           "--out", tmp_path, check=False), "not in store", "24 items")
+    assert not (tmp_path / "grid.png").exists()
