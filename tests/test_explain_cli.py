@@ -109,17 +109,6 @@ def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_pa
     assert info["model"]["kind"] == "probe" and info["model"]["encoder"] == "efficientnet_lite0"
 
 
-def test_image_files_with_a_chosen_target_class(spot_probe, tmp_path):
-    files = sorted((spot_probe / "data" / "spot").glob("*.png"))[:2]
-    out = tmp_path / "cams"
-    run_cli("explain", spot_probe / "probe", *files, "--target", "plain", "--method", "eigencam", "--out", out, "--quiet")
-    items = pd.read_csv(out / "items.csv", keep_default_na=False)
-    assert list(items["target"]) == ["plain", "plain"] and (items["pred"] == "spot").all()
-    assert (items["target_score"] < 0.5).all()
-    for row in items.itertuples():
-        assert np.load(out / row.map_eigencam).shape == (64, 64)
-
-
 def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path):
     probe = tmp_path / "probe"
     save_probe(probe, lite0_store_ro, "efficientnet_lite0")
@@ -158,34 +147,56 @@ def finetuned(tmp_path_factory):
     return folder
 
 
-def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, mitocheck_dir, tmp_path):
-    listing = run_cli("explain", finetuned, "--list-layers").stdout
-    assert "bn2" in listing and "<- default" in listing and "blocks.2" in listing
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process (same entry point as the console script): (exit code, stdout, stderr)."""
+    from embedkit.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, mitocheck_dir, tmp_path, capsys):
+    code, listing, _ = cli(capsys, "explain", finetuned, "--list-layers")
+    assert code == 0 and "bn2" in listing and "<- default" in listing and "blocks.2" in listing
     files = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[:2]
     out = tmp_path / "cams"
-    run_cli("explain", finetuned.parent, *files, "--method", "gradcam++,scorecam", "--layer", "blocks.2", "--out", out,
-            "--quiet")
+    code, _, err = cli(capsys, "explain", finetuned.parent, *files, "--method", "gradcam++,scorecam", "--layer", "blocks.2",
+                       "--out", out, "--quiet")
+    assert code == 0, err
     info = json.loads((out / "explain.json").read_text())
     assert info["layer"] == "blocks.2" and info["model"]["kind"] == "finetune"
+    items = pd.read_csv(out / "items.csv", keep_default_na=False)
+    assert list(items["true"]) == ["", ""] and set(items["pred"]) <= {"Anaphase", "Interphase", "Metaphase"}
     for m in ("gradcam++", "scorecam"):
         maps = sorted((out / "maps").glob(f"*.{m}.npy"))
         assert len(maps) == 2 and all(np.load(p).shape == (64, 64) and np.isfinite(np.load(p)).all() for p in maps)
 
 
-def one_line_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("embedkit: error:"), proc.stderr
+def one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embedkit: error:"), err
     for f in fragments:
         assert f in lines[0], lines[0]
 
 
-def test_bad_inputs_get_one_clear_line(finetuned, spot_probe, mitocheck_dir, tmp_path):
+def test_bad_inputs_get_one_clear_line(finetuned, spot_probe, mitocheck_dir, tmp_path, capsys):
     cell = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[0]
-    one_line_error(run_cli("explain", finetuned, cell, "--method", "gradcam,lime", "--out", tmp_path, check=False),
+    one_line_error(cli(capsys, "explain", finetuned, cell, "--method", "gradcam,lime", "--out", tmp_path),
                    "unknown method", "hirescam")
-    one_line_error(run_cli("explain", finetuned, cell, "--layer", "blocks.9", "--out", tmp_path, check=False),
+    one_line_error(cli(capsys, "explain", finetuned, cell, "--layer", "blocks.9", "--out", tmp_path),
                    "no such layer", "blocks.2", "--list-layers")
-    one_line_error(run_cli("explain", spot_probe / "probe", "plain/no-such-cell.png", "--store", spot_probe / "spot.h5",
-                           "--out", tmp_path, check=False), "not in store", "24 items")
-    assert not (tmp_path / "grid.png").exists()
+    one_line_error(cli(capsys, "explain", spot_probe / "probe", "plain/no-such-cell.png", "--store",
+                       spot_probe / "spot.h5", "--out", tmp_path), "not in store", "24 items")
+    one_line_error(cli(capsys, "explain", finetuned, cell, "--target", "Prophase", "--out", tmp_path),
+                   "not a class", "Anaphase")
+    assert not list(tmp_path.iterdir())  # nothing written
+    proc = run_cli("explain", finetuned, cell, "--method", "lime", "--out", tmp_path, check=False)  # the real script
+    one_line_error((proc.returncode, proc.stdout, proc.stderr), "unknown method")

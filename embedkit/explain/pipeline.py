@@ -104,19 +104,19 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
     fixed_target = None if target == "predicted" else model.class_index(target)
     dev = resolve_device(device)
     model.to(dev)
-    out = Path(out_dir)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
     names = safe_names([it.id for it in items])
     layout = token_layout(model.backbone, model.num_prefix_tokens)
     reshape = TokensToGrid(layout) if layout is not None else None
-    result = ExplainResult(out, "", methods)
+    result = ExplainResult(Path(out_dir), "", methods)
     panels: list[Panel] = []
     faith_rows: list[dict] = []
     curves: dict[str, dict[str, list]] = {}
     fractions = None
     first = to_tensor(load_item_rgb(items[0], model.conversion, store), model.preprocess)[None].to(dev)
     result.layer, module = resolve_layer(model, layer, trace_layers(model, first))
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "maps").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(items), unit="img", desc=f"explain {','.join(methods)}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
