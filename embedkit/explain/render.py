@@ -105,12 +105,17 @@ def grid_figure(panels: Sequence[Panel], methods: Sequence[str], title: str, pat
     rows, bc = grid_layout(len(panels), len(methods))
     per = 1 + len(methods)
     size = 1.5 if len(panels) * per <= 48 else 1.15
-    fig, axes = plt.subplots(rows, bc * per, figsize=(size * bc * per, size * 1.3 * rows + 0.6), squeeze=False)
+    gap = 0.15  # a narrow empty column between blocks, so each image's maps read as a unit
+    ratios = ([1.0] * per + [gap]) * bc
+    ratios = ratios[:-1]
+    fig, axes = plt.subplots(rows, len(ratios), figsize=(size * sum(ratios), size * 1.3 * rows + 0.6), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})
     for ax in axes.ravel():
         ax.axis("off")
     for k, p in enumerate(panels):
         r, b = divmod(k, bc)
-        ax = axes[r, b * per]
+        col = b * (per + 1)
+        ax = axes[r, col]
         ax.axis("on")
         _show(ax, p.rgb)
         text = f"{p.true or '?'} → {p.pred} {p.score:.2f}"
@@ -118,7 +123,7 @@ def grid_figure(panels: Sequence[Panel], methods: Sequence[str], title: str, pat
             text += f"\n(map: {p.target})"
         ax.set_title(text, fontsize=6.5, color="firebrick" if p.wrong else "black")
         for j, m in enumerate(methods):
-            ax = axes[r, b * per + 1 + j]
+            ax = axes[r, col + 1 + j]
             ax.axis("on")
             _show(ax, p.rgb, p.maps[m])
             if r == 0:
