@@ -8,6 +8,7 @@ while no weight is unfrozen.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +32,7 @@ class _KeepGrid:
         return cam
 
 
+@functools.lru_cache(maxsize=None)
 def _method_classes() -> dict[str, type]:
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, ScoreCAM
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction

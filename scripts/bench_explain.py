@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Benchmark `embedkit explain` on real MitoCheck cells: faithfulness against chance, and cost.
+
+A linear head is fitted on efficientnet_lite0 features of the cells of some movies (plate + position);
+CAMs then explain held-out cells of other movies through the frozen encoder + head.
+
+* Faithfulness: deletion / insertion AUC per method with 95% group-bootstrap CIs, next to the random
+  reference of the same run. Target: every gradient method's insertion - deletion beats random (CIs apart).
+* Cost: seconds per image per method, next to the baseline of one plain forward + backward pass of the
+  same network on the same batch (measured in this run). Target: gradient methods within 2x of it.
+
+Needs ../shared/data/mitocheck (skips with a message, exit 0, when absent). Writes bench/explain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def sample_cells(data: Path, per_class: int, seed: int):
+    """Up to ``per_class`` cells of each class, as a Source (labels from folders, groups = movies)."""
+    from embedkit.sources import discover
+
+    src = discover(data, group_by="mitocheck")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in sorted({it.label for it in src.items}):
+        mine = [it for it in src.items if it.label == label]
+        keep += [mine[i] for i in sorted(rng.permutation(len(mine))[:per_class])]
+    src.items = keep
+    return src
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
+    """Multinomial logistic regression on standardised features (torch, full batch, L2), folded into a Linear."""
+    import torch
+
+    torch.manual_seed(seed)
+    mean, scale = X.mean(0), X.std(0) + 1e-6
+    Z = torch.from_numpy(((X - mean) / scale).astype(np.float32))
+    lin = torch.nn.Linear(X.shape[1], n_classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.01, weight_decay=1e-3)
+    yt = torch.from_numpy(y)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(Z), yt).backward()
+        opt.step()
+    head = torch.nn.Linear(X.shape[1], n_classes)
+    with torch.no_grad():
+        w = lin.weight / torch.from_numpy(scale.astype(np.float32))[None]
+        head.weight.copy_(w)
+        head.bias.copy_(lin.bias - w @ torch.from_numpy(mean.astype(np.float32)))
+    return head.eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared data folder")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "explain.json"))
+    ap.add_argument("--per-class", type=int, default=40, help="cells per class to embed and fit on")
+    ap.add_argument("--explain", type=int, default=32, help="held-out cells to explain")
+    ap.add_argument("--methods", default="gradcam,hirescam,gradcam++,eigencam")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    data = Path(args.data) / "mitocheck"
+    if not data.is_dir():
+        print(f"bench_explain: {data} not found; skipping (needs the shared MitoCheck data)")
+        return 0
+
+    import torch
+
+    from embedkit.embed import embed, resolve_device, to_tensor
+    from embedkit.encoders import create_encoder
+    from embedkit.explain import ExplainItem, compose, compute_cam, explain, parse_methods, resolve_layer, trace_layers
+    from embedkit.images import load_rgb
+    from embedkit.store import Store
+
+    methods = parse_methods(args.methods)
+    bench = Path(args.out).parent
+    bench.mkdir(parents=True, exist_ok=True)
+    src = sample_cells(data, args.per_class, args.seed)
+    enc = create_encoder("efficientnet_lite0")
+    store = bench / f"explain_lite0_{args.per_class}.h5"
+    embed(src, store, enc, progress=True)
+    s = Store(store)
+    X, labels, groups, ids = s.vectors("efficientnet_lite0"), s.labels, s.groups, list(s.ids)
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels])
+
+    rng = np.random.default_rng(args.seed)
+    movies = np.array(sorted(set(groups)))
+    test_movies = set(rng.permutation(movies)[: len(movies) // 4])
+    test = np.array([g in test_movies for g in groups])
+    head = fit_head(X[~test], y[~test], len(classes), args.seed)
+    with torch.no_grad():
+        acc = float((head(torch.from_numpy(X[test])).argmax(1).numpy() == y[test]).mean())
+    model = compose(enc, head, classes, info={"encoder": "efficientnet_lite0", "head": "logreg"})
+    dev = resolve_device(args.device)
+    model.to(dev)
+
+    path_of = {it.id: src.abspath(it) for it in src.items}
+    chosen = rng.permutation(np.flatnonzero(test))[: args.explain]
+    items = [ExplainItem(ids[i], labels[i], groups[i], path_of[ids[i]]) for i in chosen]
+
+    # cost: each method against one forward + backward of the same batch
+    xb = torch.stack([to_tensor(load_rgb(it.path), model.preprocess) for it in items[:8]]).to(dev)
+    _, layer = resolve_layer(model, None, trace_layers(model, xb[:1]))
+    targets = [0] * len(xb)
+
+    def timed(fn, repeat=2):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - t0) / repeat / len(xb)
+
+    def fwd_bwd():
+        x = xb.clone().requires_grad_(True)
+        model.net(x)[:, 0].sum().backward()
+
+    cost = {"baseline_forward_backward": timed(fwd_bwd)}
+    for m in methods:
+        if m != "scorecam":
+            cost[m] = timed(lambda m=m: compute_cam(model.net, xb, m, layer, targets))
+    ratio = {m: cost[m] / cost["baseline_forward_backward"] for m in methods if m in cost}
+
+    t0 = time.perf_counter()
+    res = explain(model, items, bench / "explain_out", methods=methods, faithfulness=True, steps=args.steps,
+                  device=args.device, progress=True)
+    run_seconds = time.perf_counter() - t0
+    faith = {r["method"]: r for r in res.faithfulness}
+    rand = faith["random"]
+    beats = {m: faith[m]["insertion_minus_deletion_ci"][0] > rand["insertion_minus_deletion_ci"][1]
+             for m in methods if m != "eigencam"}
+    out = {
+        "cells_embedded": len(ids), "classes": len(classes), "held_out_accuracy": acc, "explained": len(items),
+        "layer": res.layer, "steps": args.steps, "device": str(dev),
+        "faithfulness": faith, "target_gradient_methods_beat_random": beats,
+        "seconds_per_image": cost, "ratio_to_forward_backward": ratio,
+        "target_ratio_below_2": {m: r < 2.0 for m, r in ratio.items()},
+        "explain_run_seconds": run_seconds,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("held_out_accuracy", "layer", "ratio_to_forward_backward",
+                                          "target_gradient_methods_beat_random")}, indent=1))
+    for m, r in faith.items():
+        print(f"{m:10s} ins-del {r['insertion_minus_deletion']:.3f} "
+              f"[{r['insertion_minus_deletion_ci'][0]:.3f}, {r['insertion_minus_deletion_ci'][1]:.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
