@@ -204,12 +204,16 @@ def test_deletion_insertion_rewards_the_evidence():
     c_rand = deletion_insertion(net, x, random_saliency((32, 32), (4, 4), 0), 1, pre, steps=8)
     assert c_good.deletion_auc < c_rand.deletion_auc < c_bad.deletion_auc
     assert c_good.insertion_auc > c_bad.insertion_auc
-    rows = [{"method": m, "group": g, "deletion": d, "insertion": i}
-            for m, g, d, i in [("a", "g1", 0.1, 0.8), ("a", "g2", 0.2, 0.6), ("b", "g1", 0.4, 0.5), ("b", "g2", 0.5, 0.3)]]
+    rows = [{"id": i, "method": m, "group": g, "deletion": d, "insertion": ins}
+            for i, m, g, d, ins in [("x", "a", "g1", 0.1, 0.8), ("y", "a", "g2", 0.2, 0.6), ("x", "random", "g1", 0.4, 0.5),
+                                    ("y", "random", "g2", 0.5, 0.3)]]
     summary = {r["method"]: r for r in summarize(rows)}
     assert summary["a"]["insertion_minus_deletion"] == pytest.approx(0.55)
     lo, hi = summary["a"]["deletion_ci"]
     assert 0.1 <= lo <= 0.15 <= hi <= 0.2
+    assert summary["a"]["vs_random"] == pytest.approx(0.6)  # paired per image: 0.7 - 0.1 and 0.4 - (-0.2)
+    assert summary["a"]["vs_random_ci"] == pytest.approx([0.6, 0.6])
+    assert "vs_random" not in summary["random"]
 
 
 def test_explain_run_writes_maps_overlays_and_grid(lite0_head, mitocheck_dir, tmp_path):

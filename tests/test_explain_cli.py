@@ -104,6 +104,7 @@ def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_pa
     faith = pd.read_csv(out / "faithfulness.csv")
     assert list(faith["method"]) == ["gradcam", "hirescam", "random"]
     assert faith["insertion"].between(0, 1).all() and faith["deletion"].between(0, 1).all()
+    assert faith["vs_random"].notna().tolist() == [True, True, False] and "gain vs random" in proc.stdout
     assert (out / "faithfulness.png").exists() and (out / "grid.png").exists()
     info = json.loads((out / "explain.json").read_text())
     assert info["model"]["kind"] == "probe" and info["model"]["encoder"] == "efficientnet_lite0"

@@ -83,11 +83,12 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
         click.echo(f"note: {len(res.empty_maps)} maps are all zero (no positive evidence for the target at this layer), "
                    f"e.g. {res.empty_maps[0][0]} ({res.empty_maps[0][1]})", err=True)
     if res.faithfulness:
-        click.echo("faithfulness (mean AUC over images, 95% CI; deletion lower is better, insertion higher):")
-        click.echo(f"  {'method':10s} {'deletion':>24s} {'insertion':>24s} {'ins - del':>24s}")
+        click.echo("faithfulness (mean AUC over images, 95% CI; deletion: lower is better, insertion and "
+                   "ins - del: higher; gain: paired ins - del over the random map):")
+        keys = ("deletion", "insertion", "insertion_minus_deletion", "vs_random")
+        click.echo(f"  {'method':10s} " + " ".join(f"{h:>24s}" for h in ("deletion", "insertion", "ins - del", "gain vs random")))
         for r in res.faithfulness:
-            cells = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
-                     for k in ("deletion", "insertion", "insertion_minus_deletion")]
+            cells = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]" if k in r else "" for k in keys]
             click.echo(f"  {r['method']:10s} " + " ".join(f"{c:>24s}" for c in cells))
 
 

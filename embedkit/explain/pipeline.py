@@ -195,9 +195,10 @@ def _write_faithfulness(out: Path, rows: list[dict], summary: list[dict]) -> Non
     flat = []
     for rec in summary:
         row = {"method": rec["method"], "n_images": rec["n_images"], "n_groups": rec["n_groups"]}
-        for key in ("deletion", "insertion", "insertion_minus_deletion"):
-            row[key] = rec[key]
-            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = rec[f"{key}_ci"]
+        for key in ("deletion", "insertion", "insertion_minus_deletion", "vs_random"):
+            if key in rec:
+                row[key] = rec[key]
+                row[f"{key}_ci_low"], row[f"{key}_ci_high"] = rec[f"{key}_ci"]
         flat.append(row)
     tmp = out / ".faithfulness.csv.tmp"
     pd.DataFrame(flat).to_csv(tmp, index=False)
