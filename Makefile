@@ -19,7 +19,7 @@ install: $(STAMP)
 ## demo: embed the bundled MitoCheck cells with the offline efficientnet_lite0 encoder, then probe them
 demo: $(STAMP)
 	$(BIN)/embedkit embed tests/data/mitocheck --store store/demo.h5 --encoder efficientnet_lite0 --group-by mitocheck
-	$(BIN)/embedkit info store/demo.h5
+	$(BIN)/embedkit probe store/demo.h5 --heads all --out results/demo
 
 ## test: the whole test suite (CPU only, no network)
 test: $(STAMP)

@@ -180,32 +180,30 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
         journal = st.Journal(store_path, key)
         journal.start({"config": cfg, "config_fingerprint": cfg_fp, "batch_size": batch_size})
         journalled = {str(i) for c in journal.iter_chunks() for i in c["ids"]}
-        bad_before = journal.read_json("skipped.json", [])
         todo = [(i, p) for i, p in entries if not done[row_of[i]] and i not in journalled]
-        missing = [(i, p) for i, p in todo if not os.path.exists(p)] if not from_store else []
-        if missing and not skip_bad:
-            raise BadImageError(missing[0][1], f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
-                                f"fix the source or pass --skip-bad to skip and list them")
         n_resumed = len(entries) - len(todo)
-        skipped = [tuple(b) for b in bad_before]
         if todo:
             ds = ImageDataset(todo, encoder.preprocess, conv, store_path if from_store else None,
                               [row_of[i] for i, _ in todo] if from_store else None)
-            skipped += _run(ds, encoder, journal, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
-                            total=len(entries), initial=n_resumed)
-            journal.write_json("skipped.json", [list(b) for b in skipped])
+            _run(ds, encoder, journal, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
+                 total=len(entries), initial=n_resumed)
+        chunks = journal.chunks()
+        bad = {str(i): (str(path), str(r)) for c in journal.iter_chunks()
+               for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r}
+        skipped = list(bad.values())
         report = _write_report(skipped, report_path or f"{os.path.splitext(store_path)[0]}.{key}.skipped.csv") if skipped else None
-        with st.transaction(store_path) as f:
-            g = st.ensure_embedding(f, key, encoder.dim, dtype, cfg)
-            for chunk in journal.iter_chunks():
-                rows = np.array([row_of[str(i)] for i in chunk["ids"]], dtype=np.int64)
-                ok = chunk["ok"]
-                _write_rows(g["vectors"], rows[ok], chunk["vectors"][ok])
-                _write_rows(g["done"], rows[ok], np.ones(int(ok.sum()), dtype=bool))
-            g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
-            g.attrs["modified"] = st.now_iso()
+        if chunks or key not in s.keys:
+            with st.transaction(store_path) as f:
+                g = st.ensure_embedding(f, key, encoder.dim, dtype, cfg)
+                for chunk in journal.iter_chunks():
+                    rows = np.array([row_of[str(i)] for i in chunk["ids"]], dtype=np.int64)
+                    ok = chunk["bad"] == ""
+                    _write_rows(g["vectors"], rows[ok], chunk["vectors"][ok])
+                    _write_rows(g["done"], rows[ok], np.ones(int(ok.sum()), dtype=bool))
+                g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
+                g.attrs["modified"] = st.now_iso()
         journal.discard()
-    n_new = len(todo) - len([b for b in skipped if b not in bad_before])
+    n_new = sum(1 for i, _ in todo if i not in bad)
     return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report)
 
 
@@ -240,7 +238,7 @@ def _prepare_items(source: Source, store_path: str, skip_bad: bool) -> None:
 
 def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.device, batch_size: int,
          workers: int | None, dtype: str, skip_bad: bool, checkpoint_rows: int, progress: bool,
-         total: int, initial: int) -> list[tuple[str, str]]:
+         total: int, initial: int) -> None:
     from tqdm.auto import tqdm
 
     cuda = dev.type == "cuda"
@@ -255,20 +253,19 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
     model = encoder.to(dev)
     model = model.to(memory_format=torch.channels_last)
     amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else contextlib.nullcontext()
-    skipped: list[tuple[str, str]] = []
     buf_ids: list[str] = []
     buf_vecs: list[np.ndarray] = []
-    buf_ok: list[np.ndarray] = []
+    buf_bad: list[str] = []
     last_flush = time.monotonic()
     np_dtype = np.dtype(dtype)
     path_of = dict(ds.entries)
 
     def flush():
-        nonlocal buf_ids, buf_vecs, buf_ok, last_flush
+        nonlocal buf_ids, buf_vecs, buf_bad, last_flush
         if buf_ids:
             journal.write_chunk(ids=np.array(buf_ids, dtype=str), vectors=np.concatenate(buf_vecs).astype(np_dtype),
-                                    ok=np.concatenate(buf_ok))
-        buf_ids, buf_vecs, buf_ok, last_flush = [], [], [], time.monotonic()
+                                bad=np.array(buf_bad, dtype=str), paths=np.array([path_of[i] for i in buf_ids], dtype=str))
+        buf_ids, buf_vecs, buf_bad, last_flush = [], [], [], time.monotonic()
 
     bar = tqdm(total=total, initial=initial, unit="img", desc=f"embed {encoder.spec.name}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -279,26 +276,24 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
                     item, reason = bad[0]
                     raise BadImageError(path_of[item], f"{reason}; fix or remove it, or pass --skip-bad to skip and list bad files "
                                               f"(progress so far is kept and resumes)")
-                skipped += [(path_of[i], r) for i, r in bad]
                 vecs = np.full((len(ids), encoder.dim), np.nan, dtype=np.float32)
-                ok = np.zeros(len(ids), dtype=bool)
                 if x is not None:
                     x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-                    out = model(x).float().cpu().numpy()
                     pos = {i: k for k, i in enumerate(ids)}
-                    idx = [pos[i] for i in good_ids]
-                    vecs[idx] = out
-                    ok[idx] = True
+                    vecs[[pos[i] for i in good_ids]] = model(x).float().cpu().numpy()
+                reasons = dict(bad)
                 buf_ids += ids
                 buf_vecs.append(vecs)
-                buf_ok.append(ok)
+                buf_bad += [reasons.get(i, "") for i in ids]
                 bar.update(len(ids))
                 if len(buf_ids) >= checkpoint_rows or time.monotonic() - last_flush > 60:
                     flush()
         flush()
+    except KeyboardInterrupt:
+        flush()  # the buffer holds whole batches only, so keeping them is safe
+        raise
     finally:
         bar.close()
-    return skipped
 
 
 def _write_report(skipped: list[tuple[str, str]], path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -27,7 +28,7 @@ def export_embeddings(store_path: str, key: str | None, fmt: str, out: str | Non
 
         obs.index = obs["id"].astype(str).values
         adata = anndata.AnnData(X=X, obs=obs.astype({c: str for c in obs.columns if obs[c].dtype == object}))
-        adata.uns["embedkit"] = {"store": os.path.abspath(store_path), "key": key, "config": s.config(key) and str(s.config(key))}
+        adata.uns["embedkit"] = {"store": os.path.abspath(store_path), "key": key, "config": json.dumps(s.config(key))}
         adata.write_h5ad(tmp)
     elif fmt == "csv":
         import pandas as pd

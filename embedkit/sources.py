@@ -19,7 +19,7 @@ from .images import is_image_file
 #: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
 GROUP_PRESETS: dict[str, str] = {
     "mitocheck": r"PLLT(\d+_\d+)--.*?___P(\d+_\d+)___",
-    "parent": r"^(.*)/[^/]+$",
+    "parent": r"^(?:(.*)/)?[^/]+$",
     "file": r"^(.*)$",
 }
 
@@ -69,7 +69,8 @@ def group_from_path(rx: re.Pattern, path: str) -> str:
     m = rx.search(path.replace(os.sep, "/"))
     if m is None:
         raise EmbedkitError(f"--group-by pattern {rx.pattern!r} does not match {path!r}; every item needs a group")
-    return "_".join(g for g in m.groups() if g is not None) if m.groups() else m.group(0)
+    group = "_".join(g for g in m.groups() if g is not None) if m.groups() else m.group(0)
+    return group or "."
 
 
 def _apply_groups(items: list[Item], group_by: str | None, columns: Sequence[str] = ()) -> None:

@@ -35,6 +35,8 @@ from .sources import Item
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 ITEM_FIELDS = ("id", "path", "label", "group")
+#: Up to this many rows, ``Store.vectors`` reads with one fancy-indexed HDF5 read instead of a block scan.
+FANCY_READ_LIMIT = 4096
 
 
 def now_iso() -> str:
@@ -240,10 +242,16 @@ def comparable_config(config: dict) -> dict:
     return {k: config.get(k) for k in COMPARED_FIELDS}
 
 
+def describe_differences(old: dict, new: dict, fields: Sequence[str] | None = None) -> str:
+    """'field: old vs new' for each differing field (all but library versions when ``fields`` is None)."""
+    names = fields if fields is not None else sorted((set(old) | set(new)) - {"versions"})
+    diffs = [f"{k}: {old.get(k)!r} before vs {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
+    return "; ".join(diffs)[:300] or "no visible difference"
+
+
 def config_mismatch_message(key: str, old: dict, new: dict) -> str:
-    diffs = [f"{k}: {old.get(k)!r} in store vs {new.get(k)!r} now" for k in COMPARED_FIELDS if old.get(k) != new.get(k)]
-    return (f"embedding key {key!r} was made with a different encoder configuration ({'; '.join(diffs)[:300]}); "
-            f"use another --key to keep both")
+    return (f"embedding key {key!r} was made with a different encoder configuration "
+            f"({describe_differences(old, new, COMPARED_FIELDS)}); use another --key to keep both")
 
 
 # --------------------------------------------------------------------------- reading
@@ -316,7 +324,8 @@ class Store:
         data = {}
         with self.h5() as f:
             g = f["items"]
-            cols = [(k, g[k]) for k in g if isinstance(g[k], h5py.Dataset)]
+            names = [k for k in ITEM_FIELDS if k in g] + [k for k in g if k not in ITEM_FIELDS and isinstance(g[k], h5py.Dataset)]
+            cols = [(k, g[k]) for k in names]
             cols += [(k, g["meta"][k]) for k in g["meta"]] if "meta" in g else []
             for name, ds in cols:
                 if ds.ndim != 1:
@@ -374,11 +383,21 @@ class Store:
                     e = min(stop, s + step)
                     out[s - start:e - start] = ds[s:e]
                 return out
-            rows = np.asarray(rows)
-            order = np.argsort(rows)
+            rows = np.asarray(rows, dtype=np.int64)
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
             out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
-            if len(rows):
-                out[order] = ds[rows[order]] if np.all(np.diff(rows[order]) > 0) else ds[:][rows[order]]
+            if len(rows) <= FANCY_READ_LIMIT:  # few rows: one fancy-indexed read of the unique rows
+                uniq, inverse = np.unique(sorted_rows, return_inverse=True)
+                if len(uniq):
+                    out[order] = ds[uniq][inverse.ravel()]
+                return out
+            step = max(1024, 2 ** 26 // max(1, ds.shape[1] * ds.dtype.itemsize))
+            for start in range(0, ds.shape[0], step):  # many rows: one sequential scan in blocks
+                lo, hi = np.searchsorted(sorted_rows, [start, start + step])
+                if hi > lo:
+                    block = ds[start:min(start + step, ds.shape[0])]
+                    out[order[lo:hi]] = block[sorted_rows[lo:hi] - start]
             return out
 
     def iter_vectors(self, key: str, batch: int = 65536, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
@@ -428,7 +447,7 @@ class Journal:
             if old.get("config_fingerprint") != state.get("config_fingerprint"):
                 raise EmbedkitError(
                     f"an interrupted run under {self.dir} used another configuration "
-                    f"({config_mismatch_message(self.dir.name, old.get('config', {}), state.get('config', {}))}); "
+                    f"({describe_differences(old.get('config', {}), state.get('config', {}))}); "
                     f"re-run it with the original settings to resume, or delete {self.dir} to start over")
             return
         self.dir.mkdir(parents=True, exist_ok=True)

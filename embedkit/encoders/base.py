@@ -101,8 +101,7 @@ class Encoder(nn.Module):
     @property
     def config(self) -> dict:
         """Provenance: everything that determines the vectors, plus library versions."""
-        import timm
-        import transformers
+        from importlib.metadata import version
 
         return {
             "encoder": self.spec.name,
@@ -114,7 +113,7 @@ class Encoder(nn.Module):
             "pooling": self.pooling,
             "num_prefix_tokens": self.num_prefix_tokens,
             "dim": self.dim,
-            "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
+            "versions": {"torch": torch.__version__, "timm": version("timm"), "transformers": version("transformers")},
         }
 
 

@@ -105,7 +105,7 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
     if pooling is not None:
         if pooling not in POOLINGS:
             raise EmbedkitError(f"--pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
-        if not spec.is_vit:
+        if name in REGISTRY and not spec.is_vit:  # passthrough models are checked once built
             raise EmbedkitError(f"--pooling applies to ViT encoders; {name} is a CNN and is average-pooled")
     if weights is not None and not os.path.exists(weights):
         raise EmbedkitError(f"--weights {weights}: no such file or folder")

@@ -1,0 +1,196 @@
+"""``embedkit segment`` as a library call: fields -> segmenter -> crops -> journal -> store.
+
+Each finished field is journalled as one atomic chunk beside the store; the store is written once, at
+the end, in one transaction. A killed run resumes from the journal and ends with the same store as an
+uninterrupted one; a field that fails is reported and never touches what is already written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import store as st
+from ..errors import BadImageError, EmbedkitError
+from ..images import Conversion, to_uint8
+from ..sources import Item, Source
+from . import outputs, storeio
+from .backends import Segmenter
+from .crops import CropParams, crop_cells
+from .fields import load_field
+
+JOURNAL_KEY = "segment"
+
+
+@dataclass
+class SegmentResult:
+    store: str
+    n_fields: int
+    n_resumed: int
+    n_cells: int
+    n_found: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    report: str | None = None
+    labels_dir: str | None = None
+    overlays_dir: str | None = None
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.n_found / self.seconds if self.seconds > 0 else 0.0
+
+
+def sidecar(store_path: str, suffix: str) -> str:
+    """A file or folder beside the store: store/cells.h5 -> store/cells<suffix>."""
+    return f"{os.path.splitext(store_path)[0]}{suffix}"
+
+
+def run_config(segmenter: Segmenter, crop: CropParams, conv: Conversion, seg_channels, pixel_size) -> dict:
+    return {"segmenter": segmenter.config, "crop": crop.to_dict(), "conversion": conv.to_dict(),
+            "seg_channels": None if seg_channels is None else list(seg_channels), "pixel_size": pixel_size}
+
+
+def open_journal(store_path: str, key: str, config: dict) -> st.Journal:
+    """The run's journal, refusing one left by a run with other settings that finished some fields."""
+    journal = st.Journal(store_path, key)
+    fp = storeio.config_fingerprint(config)
+    if journal.exists and journal.state().get("config_fingerprint") != fp and not journal.chunks():
+        journal.discard()  # it holds no work, only the settings of a run that stopped before its first field
+    if journal.exists and journal.state().get("config_fingerprint") != fp:
+        diff = storeio.differences(journal.state().get("config", {}), config)
+        raise EmbedkitError(f"an interrupted run under {journal.dir} used other settings ({diff[:400]}); re-run it with "
+                            f"those settings to resume, or delete {journal.dir} to start over")
+    journal.start({"config": config, "config_fingerprint": fp})
+    return journal
+
+
+def journalled(journal: st.Journal) -> dict[str, Path]:
+    """Field id -> chunk file, for every field a previous (interrupted) run finished."""
+    out = {}
+    for c in journal.chunks():
+        with np.load(c, allow_pickle=False) as z:
+            out[str(z["field"][0])] = c
+    return out
+
+
+def fail_or_record(path: str, reason: str, skip_bad: bool, failed: list[tuple[str, str]]) -> None:
+    if not skip_bad:
+        raise EmbedkitError(f"{path}: {reason}; fix or remove it, or pass --skip-bad to skip it and list it in a report "
+                            f"(finished fields are kept: run the same command again to resume)")
+    failed.append((path, reason))
+
+
+def _pixel_size(item: Item, default: float | None) -> float | None:
+    raw = item.meta.get("pixel_size", "")
+    if raw:
+        try:
+            return float(raw)
+        except ValueError:
+            raise EmbedkitError(f"{item.path}: manifest pixel_size {raw!r} is not a number") from None
+    return default
+
+
+def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Segmenter, crop: CropParams = CropParams(),
+                   *, conv: Conversion = Conversion(), seg_channels: tuple[int, ...] | None = None,
+                   pixel_size: float | None = None, labels_dir: str | None = None, overlays: int = 0,
+                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None) -> SegmentResult:
+    """Segment every field of ``source`` into cells in the store (resuming an interrupted run)."""
+    from tqdm.auto import tqdm
+
+    store_path = str(store_path)
+    t0 = time.perf_counter()
+    config = run_config(segmenter, crop, conv, seg_channels, pixel_size)
+    labels_dir = labels_dir or sidecar(store_path, "_labels")
+    overlays_dir = sidecar(store_path, "_overlays") if overlays else None
+    with st.write_lock(store_path):
+        in_store = storeio.finished_fields(store_path, "segment", config)
+        journal = open_journal(store_path, JOURNAL_KEY, config)
+        done = journalled(journal)
+        todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
+        n_resumed = len(source.items) - len(todo)
+        failed: list[tuple[str, str]] = []
+        n_found = 0
+        bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
+                   disable=not progress, dynamic_ncols=True, file=sys.stderr)
+        try:
+            for k, item in todo:
+                n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, journal, labels_dir,
+                                      overlays_dir if k < overlays else None, skip_bad, failed)
+                bar.update(1)
+        finally:
+            bar.close()
+        done = journalled(journal)
+        new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
+        report = str(outputs.write_failures(report_path or sidecar(store_path, ".segment-failed.csv"), failed)) if failed else None
+        n_cells = 0
+        if new_fields or failed or not os.path.exists(store_path):
+            n_cells = _count(done, new_fields)
+            storeio.commit(store_path, "segment", config, source.root, _batches(source, done, new_fields, store_path),
+                           (crop.size, crop.size, 3), new_fields, failed)
+        journal.discard()
+    return SegmentResult(store_path, len(source.items), n_resumed, n_cells, n_found, failed, time.perf_counter() - t0,
+                         report, labels_dir, overlays_dir)
+
+
+def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: CropParams, conv: Conversion,
+               seg_channels, pixel_size, journal: st.Journal, labels_dir: str, overlay_dir: str | None,
+               skip_bad: bool, failed: list) -> int:
+    """Load, segment and crop one field, then journal it; returns the number of objects segmented."""
+    path = source.abspath(item)
+    try:
+        fld = load_field(path, conv, seg_channels)
+    except BadImageError as exc:
+        fail_or_record(path, exc.reason, skip_bad, failed)
+        return 0
+    try:
+        labels = np.asarray(segmenter.segment(fld.seg))
+        if labels.shape != fld.shape:
+            raise ValueError(f"labels of shape {labels.shape} for a {fld.shape} field")
+    except (EmbedkitError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a backend failing on one field must not end the run
+        fail_or_record(path, f"segmentation failed ({type(exc).__name__}: {str(exc)[:200]})", skip_bad, failed)
+        return 0
+    rgb = to_uint8(fld.rgb)
+    cells = crop_cells(rgb, labels, crop, _pixel_size(item, pixel_size))
+    outputs.save_labels(labels_dir, item.id, labels)
+    if overlay_dir:
+        outputs.save_overlay(overlay_dir, item.id, rgb, labels, cells.cells.mask_id)
+    c = cells.cells
+    journal.write_chunk(field=np.array([item.id]), index=np.array([k]), n_found=np.array([cells.n_found]),
+                        mask_id=c.mask_id, bbox=c.bbox, centroid=c.centroid, area=c.area, edge=c.edge,
+                        scale=cells.scale, crop_box=cells.crop_box, pixels=cells.pixels)
+    return cells.n_found
+
+
+def _count(done: dict[str, Path], fields: list[str]) -> int:
+    n = 0
+    for f in fields:
+        with np.load(done[f], allow_pickle=False) as z:
+            n += len(z["mask_id"])
+    return n
+
+
+def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str) -> Iterator[storeio.Batch]:
+    """Store rows per field, in source order, streamed from the journal."""
+    by_id = {it.id: it for it in source.items}
+    stored = storeio.path_writer(store_path, source.root)
+    for fid in fields:
+        it = by_id[fid]
+        with np.load(done[fid], allow_pickle=False) as z:
+            chunk = {k: z[k] for k in z.files}
+        n = len(chunk["mask_id"])
+        rel = stored(it.path)
+        items = [Item(id=f"{it.id}#{int(m)}", path=it.path, label=it.label, group=it.group, meta=dict(it.meta))
+                 for m in chunk["mask_id"]]
+        columns = {"source": np.array([rel] * n, dtype=object), "mask_id": chunk["mask_id"].astype(np.int32),
+                   "bbox": chunk["bbox"].astype(np.int32), "centroid": chunk["centroid"].astype(np.float32),
+                   "area": chunk["area"].astype(np.int64), "edge": chunk["edge"].astype(bool),
+                   "scale": chunk["scale"].astype(np.float32), "crop_box": chunk["crop_box"].astype(np.float32)}
+        yield items, columns, chunk["pixels"]

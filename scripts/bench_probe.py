@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Benchmark `embedkit probe`: accuracy on real MitoCheck cells against a plain reference, and scale.
+
+Part 1 (needs ../shared/data/mitocheck): the 3,277 cells are embedded once with efficientnet_lite0
+(cached under bench/), then every head is fitted on group splits (plate + position). In the same run, the
+plain reference: standardised features and scikit-learn LogisticRegression(C=0.1, class_weight='balanced')
+on the same train part, scored on the same test part. Target: the best head is at least as good.
+
+Part 2 (synthetic, always runs unless --skip-scale): a store of N x D float16 clustered embeddings
+(default 1,000,000 x 768). `embedkit probe --heads logreg` runs in a child process whose peak RSS is
+measured (os.wait4), next to two baselines from the same run: a child that only loads the vectors the probe
+needs (the memory floor) and, on a subsample, scikit-learn's LogisticRegression against our solver.
+
+Writes JSON (default bench/probe.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; return wall seconds, peak RSS (GiB) of that process alone, exit status and output tail."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 3),
+            "returncode": proc.returncode, "output_tail": out[-1500:]}
+
+
+# --------------------------------------------------------------------------- part 1: MitoCheck
+
+
+def mitocheck(data: Path, bench: Path, device: str) -> dict:
+    from embedkit.embed import embed
+    from embedkit.encoders import create_encoder
+    from embedkit.metrics import classification_metrics, group_bootstrap, paired_bootstrap
+    from embedkit.probe import HeadOptions, ProbeSettings, run_probe, summary_table
+    from embedkit.probe.data import load_probe_data
+    from embedkit.sources import discover
+    from embedkit.store import Store
+
+    store = bench / "mitocheck_lite0.h5"
+    src = discover(data / "mitocheck", group_by="mitocheck")
+    t0 = time.perf_counter()
+    res = embed(src, store, create_encoder("efficientnet_lite0"), progress=True)
+    embed_seconds = time.perf_counter() - t0
+    print(f"store {store}: {res.n_embedded} newly embedded, {res.n_resumed} cached", file=sys.stderr)
+
+    report = run_probe(store, bench / "probe_mitocheck", settings=ProbeSettings(
+        heads=("logreg", "svm", "knn"), head_options=HeadOptions(device=device)), progress=True)
+    print(summary_table(report), file=sys.stderr)
+    heads = {}
+    for r in report.results:
+        rec = r.record
+        heads[r.head] = {"balanced_accuracy": rec["metrics"]["balanced_accuracy"],
+                         "ci": rec["ci"]["balanced_accuracy"], "macro_f1": rec["metrics"]["macro_f1"],
+                         "auroc": rec["metrics"]["auroc"], "fit_seconds": rec["fit_seconds"],
+                         "hyperparameters": rec["hyperparameters"]}
+
+    # the plain reference on exactly the same items
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    data_ = load_probe_data(str(store))
+    fold = report.splits.folds[0]
+    pos = {i: p for p, i in enumerate(data_.ids)}
+    tr = np.array([pos[i] for i in fold.train])
+    te = np.array([pos[i] for i in fold.test])
+    x = data_.vectors()
+    classes = report.classes
+    y = np.array([classes.index(lab) if lab in classes else -1 for lab in data_.labels])
+    t0 = time.perf_counter()
+    scaler = StandardScaler().fit(x[tr])
+    ref = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(scaler.transform(x[tr]), y[tr])
+    ref_seconds = time.perf_counter() - t0
+    p_ref = ref.predict_proba(scaler.transform(x[te]))
+    groups = data_.groups[te]
+    m_ref = classification_metrics(y[te], p_ref, classes)
+    ci_ref = group_bootstrap(y[te], p_ref, groups)
+    reference = {"balanced_accuracy": m_ref["balanced_accuracy"], "ci": ci_ref["balanced_accuracy"],
+                 "macro_f1": m_ref["macro_f1"], "auroc": m_ref["auroc"], "fit_seconds": ref_seconds,
+                 "model": "StandardScaler + LogisticRegression(C=0.1, class_weight='balanced')"}
+
+    best = max(heads, key=lambda h: heads[h]["balanced_accuracy"])
+    import pandas as pd
+
+    pred = pd.read_csv(bench / "probe_mitocheck" / best / "predictions.csv", keep_default_na=False).set_index("id")
+    p_best = pred.loc[list(fold.test), [f"p_{c}" for c in classes]].to_numpy()
+    paired = paired_bootstrap(y[te], p_ref.argmax(1), p_best.argmax(1), groups, len(classes))
+    return {"store": str(store), "embed_seconds_this_run": round(embed_seconds, 1), "n_items": int(len(data_.ids)),
+            "n_classes": len(classes), "n_groups": int(len(set(data_.groups))), "n_test": int(len(te)),
+            "n_test_groups": int(len(set(groups))), "splits_fingerprint": report.splits.fingerprint(),
+            "heads": heads, "reference": reference, "best_head": best,
+            "best_minus_reference": paired,
+            "target_best_at_least_reference": heads[best]["balanced_accuracy"] >= reference["balanced_accuracy"]}
+
+
+# --------------------------------------------------------------------------- part 2: scale
+
+
+def synthetic_store(path: Path, n: int, dim: int, n_classes: int = 16, group_size: int = 500, seed: int = 0) -> None:
+    """N x D float16 vectors in K Gaussian clusters, with a per-group offset (cells of one movie look alike)."""
+    from embedkit.sources import Item
+    from embedkit.store import ensure_embedding, transaction, write_items, write_lock
+
+    if path.exists():
+        from embedkit.store import Store
+
+        s = Store(path)
+        if len(s) == n and s.keys == ["synthetic"] and int(s.config("synthetic")["dim"]) == dim and s.done("synthetic").all():
+            return
+        path.unlink()
+    rng = np.random.default_rng(seed)
+    n_groups = max(10, n // group_size)
+    group_class = rng.integers(0, n_classes, n_groups)  # each movie shows mostly one phenotype
+    groups = rng.integers(0, n_groups, n)
+    labels = np.where(rng.random(n) < 0.7, group_class[groups], rng.integers(0, n_classes, n))
+    centers = rng.normal(size=(n_classes, dim)).astype(np.float32) * 0.1
+    offsets = rng.normal(size=(n_groups, dim)).astype(np.float32) * 0.25
+    items = [Item(id=f"c{i:07d}", path=f"synthetic/c{i:07d}.png", label=f"class{labels[i]:02d}", group=f"g{groups[i]:05d}")
+             for i in range(n)]
+    cfg = {"encoder": "synthetic-clusters", "dim": dim, "dtype": "float16", "weights_fingerprint": f"seed{seed}",
+           "preprocess": None, "pooling": None, "conversion": None}
+    with write_lock(path), transaction(path) as f:
+        write_items(f, items, str(path.parent))
+        g = ensure_embedding(f, "synthetic", dim, "float16", cfg)
+        step = 65536
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            block = centers[labels[s:e]] + offsets[groups[s:e]] + rng.normal(size=(e - s, dim)).astype(np.float32)
+            g["vectors"][s:e] = block.astype(np.float16)
+        g["done"][:] = True
+
+
+CHILD_LOAD = """
+import sys, time, numpy as np
+from embedkit.probe.data import load_probe_data
+t = time.perf_counter(); d = load_probe_data(sys.argv[1]); x = d.vectors()
+print(f"loaded {x.shape} {x.dtype} in {time.perf_counter() - t:.1f}s")
+"""
+
+CHILD_SUBSAMPLE = """
+import sys, time, numpy as np
+from embedkit.probe.data import load_probe_data
+from embedkit.probe.features import Preprocessor
+d = load_probe_data(sys.argv[1]); n = int(sys.argv[3]); rng = np.random.default_rng(0)
+pos = np.sort(rng.choice(len(d.ids), n, replace=False)); x = d.vectors(pos)
+classes = sorted(set(d.labels)); y = np.array([classes.index(l) for l in d.labels[pos]])
+t = time.perf_counter()
+if sys.argv[2] == "sklearn":
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    z = StandardScaler().fit_transform(x)
+    m = LogisticRegression(C=0.1, max_iter=300).fit(z, y); it = int(m.n_iter_.max())
+else:
+    from embedkit.probe.heads import LinearProblem
+    pre = Preprocessor().fit(x, np.arange(n))
+    w, b, it = LinearProblem(x, np.arange(n), y, None, pre, len(classes)).fit(0.1, "softmax", max_iter=300)
+print(f"FIT {time.perf_counter() - t:.2f} ITER {it}")
+"""
+
+
+def scale(bench: Path, n: int, dim: int, subsample: int, device: str, max_iter: int) -> dict:
+    store = bench / f"synthetic_{n}x{dim}.h5"
+    t0 = time.perf_counter()
+    synthetic_store(store, n, dim)
+    make_seconds = time.perf_counter() - t0
+    py = sys.executable
+    out_dir = bench / "probe_scale"
+    probe = child([py, "-m", "embedkit.cli", "probe", str(store), "--heads", "logreg", "--C", "0.1", "--n-boot", "200",
+                   "--max-iter", str(max_iter), "--device", device, "--out", str(out_dir), "--quiet"])
+    rec = json.loads((out_dir / "logreg" / "metrics.json").read_text()) if probe["returncode"] == 0 else {}
+    floor = child([py, "-c", CHILD_LOAD, str(store)])
+    sub = {}
+    for impl in ("embedkit", "sklearn"):
+        r = child([py, "-c", CHILD_SUBSAMPLE, str(store), impl, str(subsample)])
+        words = r["output_tail"].split()
+        if "FIT" in words:
+            r["fit_seconds"] = float(words[words.index("FIT") + 1])
+            r["iterations"] = int(words[words.index("ITER") + 1])
+        sub[impl] = {k: v for k, v in r.items() if k != "output_tail" or r["returncode"] != 0}
+    return {
+        "rows": n, "dim": dim, "dtype": "float16", "store": str(store), "store_gib": round(store.stat().st_size / 2 ** 30, 3),
+        "make_store_seconds": round(make_seconds, 1),
+        "probe_cli": {"command": "embedkit probe --heads logreg --C 0.1 --n-boot 200", **{k: v for k, v in probe.items()
+                                                                                        if k != "output_tail" or probe["returncode"] != 0}},
+        "fit_seconds": rec.get("fit_seconds"), "iterations": (rec.get("validation_search") or [{}])[0].get("iterations"),
+        "balanced_accuracy": rec.get("metrics", {}).get("balanced_accuracy"),
+        "ci": rec.get("ci", {}).get("balanced_accuracy"), "device": rec.get("device"),
+        "peak_rss_gib": probe["peak_rss_gib"], "target_peak_rss_gib": 24.0,
+        "target_met": probe["returncode"] == 0 and probe["peak_rss_gib"] < 24.0,
+        "baseline_load_only": {"seconds": floor["seconds"], "peak_rss_gib": floor["peak_rss_gib"]},
+        "subsample_rows": subsample, "subsample_fit": sub,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared data folder [../shared/data]")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "probe.json"))
+    ap.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows for the scale part")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--subsample", type=int, default=50_000, help="rows for the scikit-learn vs embedkit solver baseline")
+    ap.add_argument("--max-iter", type=int, default=300)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip-mitocheck", action="store_true")
+    ap.add_argument("--skip-scale", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bench = Path(args.out).resolve().parent
+    bench.mkdir(parents=True, exist_ok=True)
+    result: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count()}
+    data = Path(args.data)
+    if args.skip_mitocheck:
+        result["mitocheck"] = "skipped (--skip-mitocheck)"
+    elif not (data / "mitocheck").is_dir():
+        print(f"bench_probe: {data / 'mitocheck'} not found; skipping the MitoCheck part", file=sys.stderr)
+        result["mitocheck"] = f"skipped: {data / 'mitocheck'} not found"
+    else:
+        result["mitocheck"] = mitocheck(data, bench, args.device)
+    if args.skip_scale:
+        result["scale"] = "skipped (--skip-scale)"
+    else:
+        result["scale"] = scale(bench, args.rows, args.dim, args.subsample, args.device, args.max_iter)
+    tmp = Path(args.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, args.out)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Finding items: class folders, manifests with metadata, plain folders, file lists, and group rules."""
+
+import pytest
+
+from embedkit.errors import EmbedkitError
+from embedkit.sources import discover
+
+
+def test_class_folders_with_mitocheck_groups(mitocheck_dir):
+    src = discover(mitocheck_dir, group_by="mitocheck")
+    assert src.kind == "class_folders"
+    assert len(src.items) == 320
+    assert len({it.label for it in src.items}) == 16
+    it = src.items[0]
+    assert it.path.startswith(it.label + "/")
+    # plate + position: e.g. 'PLLT0023_04--...___P00005_01___' -> '0023_04_00005_01'
+    name = it.path.split("/")[-1]
+    assert it.group == f"{name[4:11]}_{name.split('___P')[1][:8]}"
+    assert len({i.group for i in src.items}) == 75
+
+
+def test_manifest_keeps_extra_columns_and_groups(tmp_path, mitocheck_dir):
+    files = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[:3]
+    rows = ["path,label,group,well,dose"] + [f"{f},A,g{i % 2},B0{i},{i * 0.5}" for i, f in enumerate(files)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    src = discover(tmp_path / "m.csv")
+    assert src.kind == "manifest"
+    assert [it.group for it in src.items] == ["g0", "g1", "g0"]
+    assert src.items[1].meta == {"well": "B01", "dose": "0.5"}
+    by_col = discover(tmp_path / "m.csv", group_by="well")
+    assert [it.group for it in by_col.items] == ["B00", "B01", "B02"]
+
+
+def test_manifest_errors(tmp_path):
+    (tmp_path / "nopath.csv").write_text("file,label\na.png,x\n")
+    with pytest.raises(EmbedkitError, match="needs a 'path' column"):
+        discover(tmp_path / "nopath.csv")
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    with pytest.raises(EmbedkitError, match="lists no images"):
+        discover(tmp_path / "empty.csv")
+
+
+def test_plain_folder_and_file_list(tmp_path, mitocheck_dir):
+    files = sorted((mitocheck_dir / "Hole").glob("*.png"))[:4]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in files:
+        (flat / f.name).write_bytes(f.read_bytes())
+    src = discover(flat)
+    assert src.kind == "folder" and len(src.items) == 4 and not src.labelled
+    assert all(it.group == it.path for it in src.items)  # each file its own group by default
+    lst = discover([str(f) for f in files[:2]], group_by="parent")
+    assert lst.kind == "files" and len(lst.items) == 2
+
+
+def test_group_regex_must_match_every_item(mitocheck_dir):
+    with pytest.raises(EmbedkitError, match="does not match"):
+        discover(mitocheck_dir, group_by=r"PLATE(\d+)")
+    with pytest.raises(EmbedkitError, match="no such file"):
+        discover(mitocheck_dir / "nope")

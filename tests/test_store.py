@@ -1,0 +1,95 @@
+"""The store: atomic transactions, schema checks, appends, key configuration checks and the journal."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from embedkit import store as st
+from embedkit.errors import EmbedkitError
+from embedkit.sources import Item
+
+CFG = {"encoder": "e", "weights_fingerprint": "w1", "preprocess": {"size": 8}, "pooling": None,
+       "conversion": {}, "dtype": "float32", "dim": 4}
+
+
+def _items(n, start=0):
+    return [Item(id=f"i{k}", path=f"c/i{k}.png", label="a" if k % 2 else "b", group=f"g{k // 2}") for k in range(start, start + n)]
+
+
+def test_transaction_is_atomic(tmp_path):
+    path = tmp_path / "s.h5"
+    with st.transaction(path) as f:
+        st.write_items(f, _items(4), str(tmp_path))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with st.transaction(path) as f:
+            st.write_items(f, _items(3, start=4), str(tmp_path))
+            raise RuntimeError("crash in the middle")
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".s.h5.tmp-*"))
+    s = st.Store(path)
+    assert len(s) == 4 and list(s.labels) == ["b", "a", "b", "a"]
+    with h5py.File(path, "r") as f:  # plain h5py reads it
+        assert f.attrs["schema_version"] == st.SCHEMA_VERSION
+
+
+def test_appending_items_marks_new_rows_not_done(tmp_path):
+    path = tmp_path / "s.h5"
+    with st.transaction(path) as f:
+        st.write_items(f, _items(4), str(tmp_path))
+        g = st.ensure_embedding(f, "e", 4, "float32", CFG)
+        g["vectors"][:] = np.arange(16, dtype=np.float32).reshape(4, 4)
+        g["done"][:] = True
+    with st.transaction(path) as f:
+        rows = st.write_items(f, _items(2, start=4), str(tmp_path))
+    assert list(rows) == [4, 5]
+    s = st.Store(path)
+    assert list(s.done("e")) == [True] * 4 + [False] * 2
+    v = s.vectors("e")
+    assert np.isnan(v[4:]).all() and v[3, 3] == 15
+    np.testing.assert_array_equal(s.vectors("e", np.array([3, 0])), v[[3, 0]])
+
+
+def test_key_with_other_configuration_is_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    with st.transaction(path) as f:
+        st.write_items(f, _items(2), str(tmp_path))
+        st.ensure_embedding(f, "e", 4, "float32", CFG)
+    other = {**CFG, "preprocess": {"size": 16}}
+    with pytest.raises(EmbedkitError, match="different encoder configuration.*preprocess"):
+        with st.transaction(path) as f:
+            st.ensure_embedding(f, "e", 4, "float32", other)
+    # library versions are provenance only and do not block
+    with st.transaction(path) as f:
+        st.ensure_embedding(f, "e", 4, "float32", {**CFG, "versions": {"torch": "x"}})
+
+
+def test_foreign_and_missing_files_are_refused(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(EmbedkitError, match="not an embedkit store"):
+        st.Store(tmp_path / "other.h5")
+    (tmp_path / "junk.h5").write_text("junk")
+    with pytest.raises(EmbedkitError, match="not a readable HDF5"):
+        st.Store(tmp_path / "junk.h5")
+    with pytest.raises(EmbedkitError, match="no such store"):
+        st.Store(tmp_path / "none.h5")
+
+
+def test_journal_pins_configuration_and_lock_excludes_writers(tmp_path):
+    j = st.Journal(tmp_path / "s.h5", "e")
+    j.start({"config": CFG, "config_fingerprint": "aaa"})
+    j.write_chunk(ids=np.array(["i0", "i1"]), vectors=np.ones((2, 4), np.float32))
+    j.start({"config": CFG, "config_fingerprint": "aaa"})  # same config resumes
+    assert [list(c["ids"]) for c in j.iter_chunks()] == [["i0", "i1"]]
+    with pytest.raises(EmbedkitError, match="interrupted run .* another configuration"):
+        j.start({"config": {**CFG, "pooling": "mean"}, "config_fingerprint": "bbb"})
+    assert json.loads((j.dir / "state.json").read_text())["config_fingerprint"] == "aaa"
+    with st.write_lock(tmp_path / "s.h5"):
+        with pytest.raises(EmbedkitError, match="being written by another"):
+            with st.write_lock(tmp_path / "s.h5"):
+                pass
+    j.discard()
+    assert not j.dir.exists()
