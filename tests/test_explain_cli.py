@@ -4,7 +4,6 @@ checkpoint folder, selections from predictions.csv, and clear errors."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,50 +11,8 @@ import pytest
 
 from conftest import run_cli
 from embedkit.images import read_image
-from embedkit.store import Store
 
 SPOT = (slice(3, 13), slice(3, 13))  # a bright square in the top-left corner of a 64 x 64 cell
-
-
-def fit_linear(Z: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """A multinomial logistic-regression head fitted with torch (full batch, L2): (coef [K, D], intercept [K])."""
-    import torch
-
-    torch.manual_seed(0)
-    head = torch.nn.Linear(Z.shape[1], n_classes)
-    opt = torch.optim.Adam(head.parameters(), lr=0.01, weight_decay=1e-3)
-    zt, yt = torch.from_numpy(Z.astype(np.float32)), torch.from_numpy(y)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(zt), yt).backward()
-        opt.step()
-    return head.weight.detach().numpy(), head.bias.detach().numpy()
-
-
-def save_probe(folder: Path, store_path: Path, key: str) -> None:
-    """Fit a linear probe on a store key and save it with grouped out-of-fold predictions."""
-    from sklearn.model_selection import GroupKFold
-
-    from embedkit.results import predictions_frame
-
-    s = Store(store_path)
-    X, labels, groups = s.vectors(key), s.labels, s.groups
-    mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
-    Z = (X - mean) / scale
-    classes = sorted(set(labels))
-    y = np.array([classes.index(v) for v in labels])
-    proba = np.zeros((len(y), len(classes)))
-    for train, test in GroupKFold(2).split(Z, y, groups):
-        coef, intercept = fit_linear(Z[train], y[train], len(classes))
-        logits = Z[test] @ coef.T + intercept
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        proba[test] = e / e.sum(axis=1, keepdims=True)
-    coef, intercept = fit_linear(Z, y, len(classes))
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "probe.npz", coef=coef, intercept=intercept, mean=mean, scale=scale)
-    (folder / "probe.json").write_text(json.dumps({"format": "embedkit-probe", "head": "logreg", "classes": classes,
-                                                   "encoder_key": key, "encoder_config": s.config(key)}))
-    predictions_frame(s.ids, groups, labels, proba, classes).to_csv(folder / "predictions.csv", index=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +32,8 @@ def spot_probe(tmp_path_factory, mitocheck_dir):
             Image.fromarray(arr).save(data / cls / c.name)
     store = root / "spot.h5"
     run_cli("embed", data, "--store", store, "--group-by", "mitocheck", "--quiet")
-    save_probe(root / "probe", store, "efficientnet_lite0")
+    run_cli("probe", store, "--heads", "logreg,knn", "--folds", "3", "--C", "0.1,1", "--n-boot", "100", "--out",
+            root / "results", "--quiet")
     return root
 
 
@@ -87,7 +45,7 @@ def peak_in_corner(m: np.ndarray) -> bool:
 
 def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_path):
     out = tmp_path / "cams"
-    proc = run_cli("explain", spot_probe / "probe", "--store", spot_probe / "spot.h5", "--select", "per-class",
+    proc = run_cli("explain", spot_probe / "results" / "logreg", "--store", spot_probe / "spot.h5", "--select", "per-class",
                    "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "4", "--out", out, "--quiet")
     assert "explained 4 images" in proc.stdout and "layer bn2" in proc.stdout
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
@@ -108,20 +66,24 @@ def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_pa
     assert (out / "faithfulness.png").exists() and (out / "grid.png").exists()
     info = json.loads((out / "explain.json").read_text())
     assert info["model"]["kind"] == "probe" and info["model"]["encoder"] == "efficientnet_lite0"
+    assert info["model"]["source"] == str(spot_probe / "results" / "logreg" / "probe")
 
 
 def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path):
-    probe = tmp_path / "probe"
-    save_probe(probe, lite0_store_ro, "efficientnet_lite0")
+    results = tmp_path / "results"
+    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
     out = tmp_path / "cams"
-    proc = run_cli("explain", probe, "--store", lite0_store_ro, "--select", "misclassified", "--n", "3", "--out", out)
+    proc = run_cli("explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified", "--n", "3",
+                   "--out", out)
     assert "selected 3 items (misclassified)" in proc.stderr
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
-    pred = pd.read_csv(probe / "predictions.csv", keep_default_na=False)
-    wrong = pred[pred["true"] != pred["pred"]]
+    pred = pd.read_csv(results / "logreg" / "predictions.csv", keep_default_na=False)
+    wrong = pred[(pred["true"] != "") & (pred["true"] != pred["pred"])]
     confidence = wrong.apply(lambda r: r[f"p_{r['pred']}"], axis=1)
     assert list(items["id"]) == list(wrong.loc[confidence.sort_values(ascending=False).index[:3], "id"])
     assert (items["recorded_pred"] != items["true"]).all()
+    # the saved probe is the model that made these predictions: explain recomputes them from the pixels
+    assert list(items["pred"]) == list(items["recorded_pred"])
     assert len(list((out / "maps").glob("*.hirescam.npy"))) == 3
 
 
@@ -194,10 +156,12 @@ def test_bad_inputs_get_one_clear_line(finetuned, spot_probe, mitocheck_dir, tmp
                    "unknown method", "hirescam")
     one_line_error(cli(capsys, "explain", finetuned, cell, "--layer", "blocks.9", "--out", tmp_path),
                    "no such layer", "blocks.2", "--list-layers")
-    one_line_error(cli(capsys, "explain", spot_probe / "probe", "plain/no-such-cell.png", "--store",
+    one_line_error(cli(capsys, "explain", spot_probe / "results" / "logreg", "plain/no-such-cell.png", "--store",
                        spot_probe / "spot.h5", "--out", tmp_path), "not in store", "24 items")
     one_line_error(cli(capsys, "explain", finetuned, cell, "--target", "Prophase", "--out", tmp_path),
                    "not a class", "Anaphase")
+    one_line_error(cli(capsys, "explain", spot_probe / "results" / "knn", cell, "--out", tmp_path),
+                   "not differentiable", "logreg")
     assert not list(tmp_path.iterdir())  # nothing written
     proc = run_cli("explain", finetuned, cell, "--method", "lime", "--out", tmp_path, check=False)  # the real script
     one_line_error((proc.returncode, proc.stdout, proc.stderr), "unknown method")

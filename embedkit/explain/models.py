@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -176,46 +175,13 @@ def _load_finetuned(folder: Path, info: dict) -> tuple[nn.Module, dict]:
 def load_probe_folder(folder: Path) -> ExplainModel:
     """A saved linear probe and the frozen encoder it was fitted on, composed into one module."""
     from ..encoders import encoder_from_config
+    from ..probe import load_probe
 
-    info = _read_json(folder / PROBE_FILE, "embedkit-probe")
-    head, classes = _probe_head(folder, info)
-    config = info["encoder_config"]
+    _read_json(folder / PROBE_FILE, "embedkit-probe")
+    probe = load_probe(folder)
+    head = probe.torch_module()  # refuses kNN probes: votes of neighbours have no gradient
+    config = probe.encoder_config
     encoder = encoder_from_config(config)
-    return compose(encoder, head, classes, Conversion.from_dict(config.get("conversion")), str(folder),
-                   {"head": info.get("head"), "encoder_key": info.get("encoder_key"), "encoder": config.get("encoder")})
-
-
-def _probe_head(folder: Path, info: dict) -> tuple[nn.Module, list[str]]:
-    """The probe's head as a torch module mapping raw encoder features to logits."""
-    try:
-        from ..probe import load_probe
-    except ImportError:
-        load_probe = None
-    if load_probe is not None:
-        probe = load_probe(folder)
-        if not hasattr(probe, "torch_module"):
-            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no gradient; explain needs a linear head (logreg, svm)")
-        try:
-            return probe.torch_module(), [str(c) for c in probe.classes]
-        except NotImplementedError:
-            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no gradient; explain needs a linear head (logreg, svm)") from None
-    arrays = folder / "probe.npz"
-    if not arrays.exists():
-        raise EmbedkitError(f"{folder}: probe.json without probe.npz; the probe is incomplete")
-    with np.load(arrays, allow_pickle=False) as z:
-        if "coef" not in z.files:
-            raise EmbedkitError(f"{folder}: a {info.get('head')!r} probe has no linear weights; explain needs a linear head")
-        coef = z["coef"].astype(np.float32)
-        intercept = z["intercept"].astype(np.float32) if "intercept" in z.files else np.zeros(len(coef), np.float32)
-        mean = z["mean"].astype(np.float32) if "mean" in z.files else None
-        scale = z["scale"].astype(np.float32) if "scale" in z.files else None
-    if coef.shape[0] == 1 and len(info["classes"]) == 2:  # binary: one score z, softmax([-z/2, z/2]) = sigmoid(z)
-        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-    if mean is not None:  # fold standardisation into the linear layer: ((x - m) / s) W^T + b
-        s = scale if scale is not None else np.ones_like(mean)
-        coef, intercept = coef / s[None, :], intercept - (coef / s[None, :]) @ mean
-    head = nn.Linear(coef.shape[1], coef.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(coef))
-        head.bias.copy_(torch.from_numpy(intercept))
-    return head.eval(), [str(c) for c in info["classes"]]
+    return compose(encoder, head.eval(), [str(c) for c in probe.classes], Conversion.from_dict(config.get("conversion")),
+                   str(folder), {"head": probe.head, "encoder_key": probe.encoder_key, "encoder": config.get("encoder"),
+                                 "config_fingerprint": probe.config_fingerprint})
