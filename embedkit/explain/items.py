@@ -88,6 +88,10 @@ def resolve_items(args: Sequence[str], store: StoreItems | None) -> list[Explain
         if store is not None:
             raise EmbedkitError(store._missing_message(arg) + "; nor is it an image file")
         raise EmbedkitError(f"{arg}: no such image file or folder; to explain items of a store, pass --store STORE.h5")
+    names = [Path(it.id).name for it in out if it.path is not None and it.store_row is None]
+    for it in out:  # image files are named by their file name when that is unambiguous
+        if it.path is not None and it.store_row is None and names.count(Path(it.id).name) == 1:
+            it.id = Path(it.id).name
     seen: set[str] = set()
     unique = []
     for it in out:

@@ -140,7 +140,7 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
                     if float(res.grid[k].max()) <= 0:
                         result.empty_maps.append((it.id, m))
                 pred, tgt = model.classes[preds[k]], model.classes[targets[k]]
-                panel = Panel(it.id, rgb, it.label, pred, float(proba[k, preds[k]]), tgt, maps)
+                panel = Panel(it.id, rgb, it.label, pred, float(proba[k, preds[k]]), tgt, maps, float(proba[k, targets[k]]))
                 overlay_figure(panel, result.layer, out / "overlays" / f"{name}.png")
                 panels.append(Panel(it.id, _thumb(rgb), it.label, pred, panel.score, tgt,
                                     {m: _thumb(v) for m, v in maps.items()}))

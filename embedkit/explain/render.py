@@ -25,6 +25,7 @@ class Panel:
     score: float
     target: str
     maps: dict[str, np.ndarray]
+    target_score: float | None = None  # probability of the target class, when it is not the prediction
 
     @property
     def wrong(self) -> bool:
@@ -63,7 +64,7 @@ def caption(p: Panel) -> str:
     """'true: A | pred: B (0.93)' with the map's target when it is not the prediction."""
     text = f"true: {p.true or '?'} | pred: {p.pred} ({p.score:.2f})"
     if p.target != p.pred:
-        text += f"\nmap for: {p.target}"
+        text += f"\nmap for: {p.target}" + (f" ({p.target_score:.2f})" if p.target_score is not None else "")
     return text
 
 
@@ -79,7 +80,9 @@ def overlay_figure(p: Panel, layer: str, path: str | os.PathLike) -> None:
         _show(ax, p.rgb, cam)
         ax.set_title(method, fontsize=9)
         im = ax.images[-1]
-    fig.suptitle(f"{p.id}\n{caption(p)}", fontsize=9, color="firebrick" if p.wrong else "black")
+    title = f"{p.id}\n{caption(p)}"
+    fig.suptitle(title, fontsize=9, color="firebrick" if p.wrong else "black")
+    fig.subplots_adjust(top=1 - 0.075 * (title.count("\n") + 1) - 0.06)
     if im is not None:
         cb = fig.colorbar(im, ax=list(axes[0]), fraction=0.025, pad=0.02)
         cb.set_label(f"relative importance ({layer})", fontsize=7)
