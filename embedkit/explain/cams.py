@@ -35,13 +35,15 @@ class _KeepGrid:
 @functools.lru_cache(maxsize=None)
 def _method_classes() -> dict[str, type]:
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, ScoreCAM
-    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
     class SignedEigenCAM(EigenCAM):
-        """EigenCAM whose first principal component is signed so the salient region is positive."""
+        """EigenCAM with the principal component's arbitrary sign fixed so the strong side is positive."""
 
         def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
-            return get_2d_projection_with_sign_correction(activations)
+            proj = get_2d_projection(activations)
+            flip = np.abs(proj.min(axis=(1, 2))) > np.abs(proj.max(axis=(1, 2)))
+            return np.where(flip[:, None, None], -proj, proj)
 
     class QuietScoreCAM(ScoreCAM):
         """ScoreCAM without its own per-image progress bar (the caller shows one over images)."""
