@@ -58,7 +58,7 @@ class TokensToGrid:
     """pytorch-grad-cam reshape transform: [B, T, D] tokens -> [B, D, gh, gw] for the current input size.
 
     Call :meth:`set_input` with the input's (H, W) before each forward pass. 4-D activations (a conv
-    layer picked with --layer) pass through unchanged.
+    layer picked with --layer) pass through, turned channels-first when they are channels-last.
     """
 
     def __init__(self, layout: TokenLayout):
@@ -71,7 +71,10 @@ class TokensToGrid:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if isinstance(tokens, (tuple, list)):
             tokens = tokens[0]
-        if tokens.ndim == 4:
+        if tokens.ndim == 4:  # a conv map; timm's dynamic-size patch embedding gives channels-last (NHWC)
+            if self.input_hw is not None and tuple(tokens.shape[1:3]) == self.layout.grid(self.input_hw) \
+                    and tokens.shape[3] != tokens.shape[2]:
+                return tokens.permute(0, 3, 1, 2).contiguous()
             return tokens
         if tokens.ndim != 3:
             raise EmbedkitError(f"the chosen layer outputs shape {tuple(tokens.shape)}; a ViT layer must output tokens "
