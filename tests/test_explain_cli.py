@@ -15,6 +15,27 @@ from embedkit.images import read_image
 SPOT = (slice(3, 13), slice(3, 13))  # a bright square in the top-left corner of a 64 x 64 cell
 
 
+def run_main(*args) -> None:
+    """Run the CLI in this process (the console script's entry point, without a new interpreter)."""
+    from embedkit.cli import main
+
+    main([str(a) for a in args])
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process and capture it: (exit code, stdout, stderr)."""
+    from embedkit.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def spot_probe(tmp_path_factory, mitocheck_dir):
     """Real cells, each once plain and once with a bright top-left spot; a lite0 probe told them apart."""
@@ -31,8 +52,8 @@ def spot_probe(tmp_path_factory, mitocheck_dir):
                 arr[SPOT] = 255
             Image.fromarray(arr).save(data / cls / c.name)
     store = root / "spot.h5"
-    run_cli("embed", data, "--store", store, "--group-by", "mitocheck", "--quiet")
-    run_cli("probe", store, "--heads", "logreg,knn", "--folds", "3", "--C", "0.1,1", "--n-boot", "100", "--out",
+    run_main("embed", data, "--store", store, "--group-by", "mitocheck", "--quiet")
+    run_main("probe", store, "--heads", "logreg,knn", "--folds", "3", "--C", "0.1,1", "--n-boot", "100", "--out",
             root / "results", "--quiet")
     return root
 
@@ -46,7 +67,7 @@ def peak_in_corner(m: np.ndarray) -> bool:
 def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_path):
     out = tmp_path / "cams"
     proc = run_cli("explain", spot_probe / "results" / "logreg", "--store", spot_probe / "spot.h5", "--select", "per-class",
-                   "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "4", "--out", out, "--quiet")
+                   "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "2", "--out", out, "--quiet")
     assert "explained 4 images" in proc.stdout and "layer bn2" in proc.stdout
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
     assert sorted(items["true"]) == ["plain"] * 2 + ["spot"] * 2
@@ -69,13 +90,13 @@ def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_pa
     assert info["model"]["source"] == str(spot_probe / "results" / "logreg" / "probe")
 
 
-def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path):
+def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path, capsys):
     results = tmp_path / "results"
-    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
+    run_main("probe", lite0_store_ro, "--heads", "logreg", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
     out = tmp_path / "cams"
-    proc = run_cli("explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified", "--n", "3",
-                   "--out", out)
-    assert "selected 3 items (misclassified)" in proc.stderr
+    code, _, err = cli(capsys, "explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified",
+                       "--n", "3", "--out", out)
+    assert code == 0 and "selected 3 items (misclassified)" in err
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
     pred = pd.read_csv(results / "logreg" / "predictions.csv", keep_default_na=False)
     wrong = pred[(pred["true"] != "") & (pred["true"] != pred["pred"])]
@@ -108,20 +129,6 @@ def finetuned(tmp_path_factory):
         "preprocess": Preprocess(96, (0.5,) * 3, (0.5,) * 3, "bilinear").to_dict(),
         "conversion": Conversion().to_dict()}))
     return folder
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in this process (same entry point as the console script): (exit code, stdout, stderr)."""
-    from embedkit.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, mitocheck_dir, tmp_path, capsys):
