@@ -109,43 +109,36 @@ def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path, capsys)
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    """A fine-tuned checkpoint folder in the finetune format (a tiny timm EfficientNet, random weights)."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    from embedkit.encoders import Preprocess
-    from embedkit.images import Conversion
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("finetune") / "model"
-    folder.mkdir()
-    classes = ["Anaphase", "Interphase", "Metaphase"]
-    net = timm.create_model("test_efficientnet", num_classes=len(classes))
-    save_file(net.state_dict(), str(folder / "model.safetensors"))
-    (folder / "model.json").write_text(json.dumps({
-        "format": "embedkit-finetune", "version": 1, "model": "test_efficientnet", "classes": classes,
-        "preprocess": Preprocess(96, (0.5,) * 3, (0.5,) * 3, "bilinear").to_dict(),
-        "conversion": Conversion().to_dict()}))
-    return folder
+def finetuned(spot_probe):
+    """A real 'embedkit finetune' result folder: a tiny timm EfficientNet, one epoch on the spot cells."""
+    out = spot_probe / "finetune"
+    run_main("finetune", spot_probe / "data", "--group-by", "mitocheck", "--model", "test_efficientnet", "--random-init",
+             "--image-size", "96", "--epochs", "1", "--out", out, "--quiet")
+    return out
 
 
-def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, mitocheck_dir, tmp_path, capsys):
+def test_finetuned_checkpoint_with_layer_listing_and_override(finetuned, spot_probe, mitocheck_dir, tmp_path, capsys):
     code, listing, _ = cli(capsys, "explain", finetuned, "--list-layers")
     assert code == 0 and "bn2" in listing and "<- default" in listing and "blocks.2" in listing
     files = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[:2]
     out = tmp_path / "cams"
-    code, _, err = cli(capsys, "explain", finetuned.parent, *files, "--method", "gradcam++,scorecam", "--layer", "blocks.2",
+    code, _, err = cli(capsys, "explain", finetuned, *files, "--method", "gradcam++,scorecam", "--layer", "blocks.2",
                        "--out", out, "--quiet")
     assert code == 0, err
     info = json.loads((out / "explain.json").read_text())
     assert info["layer"] == "blocks.2" and info["model"]["kind"] == "finetune"
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
-    assert list(items["true"]) == ["", ""] and set(items["pred"]) <= {"Anaphase", "Interphase", "Metaphase"}
+    assert list(items["true"]) == ["", ""] and set(items["pred"]) <= {"plain", "spot"}
+    assert info["model"]["model"] == "test_efficientnet" and info["preprocess"]["size"] == 96
     for m in ("gradcam++", "scorecam"):
         maps = sorted((out / "maps").glob(f"*.{m}.npy"))
         assert len(maps) == 2 and all(np.load(p).shape == (64, 64) and np.isfinite(np.load(p)).all() for p in maps)
+    # the run's own predictions.csv (found in the result folder) selects store items; same model, same pixels
+    code, _, err = cli(capsys, "explain", finetuned, "--store", spot_probe / "spot.h5", "--select", "per-class", "--n", "1",
+                       "--out", tmp_path / "sel", "--quiet")
+    assert code == 0 and str(finetuned / "predictions.csv") in err
+    items = pd.read_csv(tmp_path / "sel" / "items.csv", keep_default_na=False)
+    assert sorted(items["true"]) == ["plain", "spot"] and list(items["pred"]) == list(items["recorded_pred"])
 
 
 def one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
@@ -166,7 +159,7 @@ def test_bad_inputs_get_one_clear_line(finetuned, spot_probe, mitocheck_dir, tmp
     one_line_error(cli(capsys, "explain", spot_probe / "results" / "logreg", "plain/no-such-cell.png", "--store",
                        spot_probe / "spot.h5", "--out", tmp_path), "not in store", "24 items")
     one_line_error(cli(capsys, "explain", finetuned, cell, "--target", "Prophase", "--out", tmp_path),
-                   "not a class", "Anaphase")
+                   "not a class", "plain, spot")
     one_line_error(cli(capsys, "explain", spot_probe / "results" / "knn", cell, "--out", tmp_path),
                    "not differentiable", "logreg")
     assert not list(tmp_path.iterdir())  # nothing written

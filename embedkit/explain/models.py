@@ -7,7 +7,6 @@ was trained with (so explained pixels are the pixels the model saw).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,55 +120,13 @@ def load_model(path: str | os.PathLike) -> ExplainModel:
     return load_probe_folder(folder)
 
 
-def _read_json(path: Path, expected_format: str) -> dict:
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EmbedkitError(f"{path}: not readable JSON ({exc})") from None
-    if info.get("format") != expected_format:
-        raise EmbedkitError(f"{path}: format {info.get('format')!r}, expected {expected_format!r}")
-    return info
-
-
-def preprocess_from_dict(d: dict) -> Preprocess:
-    """Inverse of ``Preprocess.to_dict``."""
-    d = dict(d)
-    for k in ("mean", "std"):
-        if k in d:
-            d[k] = tuple(float(v) for v in d[k])
-    return Preprocess(**{k: v for k, v in d.items() if k in Preprocess.__dataclass_fields__})
-
-
 def load_finetune_folder(folder: Path) -> ExplainModel:
-    """A fine-tuned timm classifier: ``model.json`` + ``model.safetensors``."""
-    info = _read_json(folder / FINETUNE_FILE, "embedkit-finetune")
-    net, info = _load_finetuned(folder, info)
-    classes = [str(c) for c in info["classes"]]
-    return ExplainModel(net.eval(), net, classes, preprocess_from_dict(info["preprocess"]),
+    """A fine-tuned timm classifier (``model.json`` + ``model.safetensors``), via ``embedkit.finetune``."""
+    from ..finetune import load_finetuned, preprocess_from
+
+    net, info = load_finetuned(folder)
+    return ExplainModel(net.eval(), net, [str(c) for c in info["classes"]], preprocess_from(info),
                         Conversion.from_dict(info.get("conversion")), "finetune", str(folder), None, info)
-
-
-def _load_finetuned(folder: Path, info: dict) -> tuple[nn.Module, dict]:
-    try:
-        from ..finetune import load_finetuned
-    except ImportError:
-        load_finetuned = None
-    if load_finetuned is not None:
-        return load_finetuned(folder)
-    from safetensors.torch import load_file
-
-    from ..encoders.timm_backend import create_timm_model
-
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise EmbedkitError(f"{folder}: model.json without model.safetensors; the checkpoint is incomplete")
-    size = int(info.get("preprocess", {}).get("size", 224))
-    net = create_timm_model(info["model"], size, pretrained=False, weights=None, num_classes=len(info["classes"]))
-    try:
-        net.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise EmbedkitError(f"{weights}: does not fit {info['model']} ({str(exc).splitlines()[0][:200]})") from None
-    return net, info
 
 
 def load_probe_folder(folder: Path) -> ExplainModel:
@@ -177,7 +134,6 @@ def load_probe_folder(folder: Path) -> ExplainModel:
     from ..encoders import encoder_from_config
     from ..probe import load_probe
 
-    _read_json(folder / PROBE_FILE, "embedkit-probe")
     probe = load_probe(folder)
     head = probe.torch_module()  # refuses kNN probes: votes of neighbours have no gradient
     config = probe.encoder_config
