@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark `embedkit explain` on real MitoCheck cells: faithfulness against chance, and cost.
 
-A linear head is fitted on efficientnet_lite0 features of the cells of some movies (plate + position);
-CAMs then explain held-out cells of other movies through the frozen encoder + head.
+The real pipeline: a sample of cells is embedded with efficientnet_lite0, `run_probe` fits a logreg probe
+on group splits (plate + position), and `explain` loads the saved probe (frozen encoder + head) and
+explains test cells, chosen per class from the probe's own predictions.csv.
 
 * Faithfulness: deletion / insertion AUC per method with 95% group-bootstrap CIs, next to the random
   reference of the same run. Target: every gradient method's paired gain over random has a CI above 0.
@@ -40,34 +41,12 @@ def sample_cells(data: Path, per_class: int, seed: int):
     return src
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
-    """Multinomial logistic regression on standardised features (torch, full batch, L2), folded into a Linear."""
-    import torch
-
-    torch.manual_seed(seed)
-    mean, scale = X.mean(0), X.std(0) + 1e-6
-    Z = torch.from_numpy(((X - mean) / scale).astype(np.float32))
-    lin = torch.nn.Linear(X.shape[1], n_classes)
-    opt = torch.optim.Adam(lin.parameters(), lr=0.01, weight_decay=1e-3)
-    yt = torch.from_numpy(y)
-    for _ in range(300):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(lin(Z), yt).backward()
-        opt.step()
-    head = torch.nn.Linear(X.shape[1], n_classes)
-    with torch.no_grad():
-        w = lin.weight / torch.from_numpy(scale.astype(np.float32))[None]
-        head.weight.copy_(w)
-        head.bias.copy_(lin.bias - w @ torch.from_numpy(mean.astype(np.float32)))
-    return head.eval()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared data folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "explain.json"))
     ap.add_argument("--per-class", type=int, default=40, help="cells per class to embed and fit on")
-    ap.add_argument("--explain", type=int, default=32, help="held-out cells to explain")
+    ap.add_argument("--per-class-explain", type=int, default=2, help="test cells to explain per class")
     ap.add_argument("--methods", default="gradcam,hirescam,gradcam++,eigencam")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
@@ -82,39 +61,28 @@ def main() -> int:
 
     from embedkit.embed import embed, resolve_device, to_tensor
     from embedkit.encoders import create_encoder
-    from embedkit.explain import ExplainItem, compose, compute_cam, explain, parse_methods, resolve_layer, trace_layers
-    from embedkit.images import load_rgb
-    from embedkit.store import Store
+    from embedkit.explain import (StoreItems, compute_cam, explain, load_model, load_item_rgb, parse_methods,
+                                  resolve_layer, select_items, trace_layers)
+    from embedkit.probe import ProbeSettings, run_probe
 
     methods = parse_methods(args.methods)
     bench = Path(args.out).parent
     bench.mkdir(parents=True, exist_ok=True)
     src = sample_cells(data, args.per_class, args.seed)
-    enc = create_encoder("efficientnet_lite0")
     store = bench / f"explain_lite0_{args.per_class}.h5"
-    embed(src, store, enc, progress=True)
-    s = Store(store)
-    X, labels, groups, ids = s.vectors("efficientnet_lite0"), s.labels, s.groups, list(s.ids)
-    classes = sorted(set(labels))
-    y = np.array([classes.index(v) for v in labels])
-
-    rng = np.random.default_rng(args.seed)
-    movies = np.array(sorted(set(groups)))
-    test_movies = set(rng.permutation(movies)[: len(movies) // 4])
-    test = np.array([g in test_movies for g in groups])
-    head = fit_head(X[~test], y[~test], len(classes), args.seed)
-    with torch.no_grad():
-        acc = float((head(torch.from_numpy(X[test])).argmax(1).numpy() == y[test]).mean())
-    model = compose(enc, head, classes, info={"encoder": "efficientnet_lite0", "head": "logreg"})
+    embed(src, store, create_encoder("efficientnet_lite0"), progress=True)
+    report = run_probe(store, bench / "explain_probe", settings=ProbeSettings(heads=("logreg",), seed=args.seed),
+                       progress=True)
+    record = report.results[0].record
+    model = load_model(bench / "explain_probe" / "logreg")
     dev = resolve_device(args.device)
     model.to(dev)
-
-    path_of = {it.id: src.abspath(it) for it in src.items}
-    chosen = rng.permutation(np.flatnonzero(test))[: args.explain]
-    items = [ExplainItem(ids[i], labels[i], groups[i], path_of[ids[i]]) for i in chosen]
+    cells = StoreItems(store)
+    items = select_items(bench / "explain_probe" / "logreg" / "predictions.csv", "per-class", args.per_class_explain,
+                         cells)
 
     # cost: each method against one forward + backward of the same batch
-    xb = torch.stack([to_tensor(load_rgb(it.path), model.preprocess) for it in items[:8]]).to(dev)
+    xb = torch.stack([to_tensor(load_item_rgb(it, model.conversion, cells), model.preprocess) for it in items[:8]]).to(dev)
     _, layer = resolve_layer(model, None, trace_layers(model, xb[:1]))
     targets = [0] * len(xb)
 
@@ -139,13 +107,14 @@ def main() -> int:
     ratio = {m: cost[m] / cost["baseline_forward_backward"] for m in methods if m in cost}
 
     t0 = time.perf_counter()
-    res = explain(model, items, bench / "explain_out", methods=methods, faithfulness=True, steps=args.steps,
-                  device=args.device, progress=True)
+    res = explain(model, items, bench / "explain_out", methods=methods, store=cells, faithfulness=True,
+                  steps=args.steps, device=args.device, progress=True)
     run_seconds = time.perf_counter() - t0
     faith = {r["method"]: r for r in res.faithfulness}
     beats = {m: faith[m]["vs_random_ci"][0] > 0 for m in methods if m != "eigencam"}
     out = {
-        "cells_embedded": len(ids), "classes": len(classes), "held_out_accuracy": acc, "explained": len(items),
+        "cells_embedded": len(cells.ids), "classes": len(model.classes),
+        "probe_test_balanced_accuracy": record["metrics"]["balanced_accuracy"], "explained": len(items),
         "layer": res.layer, "steps": args.steps, "device": str(dev),
         "faithfulness": faith, "target_gradient_methods_beat_random": beats,
         "seconds_per_image": cost, "ratio_to_forward_backward": ratio,
@@ -153,7 +122,7 @@ def main() -> int:
         "explain_run_seconds": run_seconds,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("held_out_accuracy", "layer", "ratio_to_forward_backward",
+    print(json.dumps({k: out[k] for k in ("probe_test_balanced_accuracy", "layer", "ratio_to_forward_backward",
                                           "target_gradient_methods_beat_random")}, indent=1))
     for m, r in faith.items():
         gain = f"  gain vs random {r['vs_random']:.3f} [{r['vs_random_ci'][0]:.3f}, {r['vs_random_ci'][1]:.3f}]" if "vs_random" in r else ""

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -109,9 +109,7 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
     reshape = TokensToGrid(layout) if layout is not None else None
     result = ExplainResult(Path(out_dir), "", methods)
     panels: list[Panel] = []
-    faith_rows: list[dict] = []
-    curves: dict[str, dict[str, list]] = {}
-    fractions = None
+    faith = _Faithfulness() if faithfulness else None
     first = to_tensor(load_item_rgb(items[0], model.conversion, store), model.preprocess)[None].to(dev)
     result.layer, module = resolve_layer(model, layer, trace_layers(model, first))
     out = Path(out_dir)
@@ -130,50 +128,64 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
             targets = preds if fixed_target is None else np.full(len(batch), fixed_target)
             cams = {m: compute_cam(model.net, x, m, module, targets.tolist(), reshape) for m in methods}
             for k, (it, rgb) in enumerate(zip(batch, rgbs)):
-                name = names[start + k]
-                maps = {}
-                for m, res in cams.items():
-                    img_map = to_image_geometry(res.maps[k], rgb.shape[:2], model.preprocess)
-                    maps[m] = np.clip(img_map, 0, 1).astype(np.float32)
-                    _atomic_npy(out / "maps" / f"{name}.{m}.npy", maps[m])
-                    _atomic_npy(out / "maps" / f"{name}.{m}.grid.npy", res.grid[k].astype(np.float32))
-                    if float(res.grid[k].max()) <= 0:
-                        result.empty_maps.append((it.id, m))
-                pred, tgt = model.classes[preds[k]], model.classes[targets[k]]
-                panel = Panel(it.id, rgb, it.label, pred, float(proba[k, preds[k]]), tgt, maps, float(proba[k, targets[k]]))
-                overlay_figure(panel, result.layer, out / "overlays" / f"{name}.png")
-                panels.append(Panel(it.id, _thumb(rgb), it.label, pred, panel.score, tgt,
-                                    {m: _thumb(v) for m, v in maps.items()}))
-                result.items.append({"id": it.id, "group": it.group, "true": it.label, "pred": pred,
-                                     "score": panel.score, "target": tgt, "target_score": float(proba[k, targets[k]]),
-                                     "recorded_pred": it.recorded_pred, "overlay": f"overlays/{name}.png",
-                                     **{f"map_{m}": f"maps/{name}.{m}.npy" for m in methods}})
-                if faithfulness:
-                    sal = {m: cams[m].maps[k] for m in methods}
-                    sal[fa.RANDOM] = fa.random_saliency(tuple(x.shape[-2:]), cams[methods[0]].grid.shape[1:], seed + start + k)
-                    for m, s in sal.items():
-                        c = fa.deletion_insertion(model.net, x[k:k + 1], s, int(targets[k]), model.preprocess, steps=steps,
-                                                  seed=seed + start + k)
-                        fractions = c.fractions
-                        faith_rows.append({"id": it.id, "group": it.group or it.id, "method": m,
-                                           "deletion": c.deletion_auc, "insertion": c.insertion_auc})
-                        curves.setdefault(m, {"deletion": [], "insertion": []})
-                        curves[m]["deletion"].append(c.deletion)
-                        curves[m]["insertion"].append(c.insertion)
+                panel = Panel(it.id, rgb, it.label, model.classes[preds[k]], float(proba[k, preds[k]]),
+                              model.classes[targets[k]], {}, float(proba[k, targets[k]]))
+                panels.append(_write_item(out, names[start + k], it, panel, {m: (c.maps[k], c.grid[k]) for m, c in cams.items()},
+                                          model, result))
+                if faith is not None:
+                    maps = {m: c.maps[k] for m, c in cams.items()}
+                    maps[fa.RANDOM] = fa.random_saliency(tuple(x.shape[-2:]), cams[methods[0]].grid.shape[1:], seed + start + k)
+                    faith.score(model, x[k:k + 1], maps, int(targets[k]), it, steps, seed + start + k)
             bar.update(len(batch))
     finally:
         bar.close()
     grid_title = title or f"{', '.join(methods)} at layer {result.layer} of {model.describe()}"
     grid_figure(panels, methods, grid_title, out / "grid.png")
     _write_items_csv(out / "items.csv", result.items)
-    if faithfulness:
-        result.faithfulness = fa.summarize(faith_rows, seed=seed)
-        _write_faithfulness(out, faith_rows, result.faithfulness)
-        faithfulness_figure(fractions, {m: {k: np.stack(v) for k, v in c.items()} for m, c in curves.items()},
+    if faith is not None:
+        result.faithfulness = fa.summarize(faith.rows, seed=seed)
+        _write_faithfulness(out, faith.rows, result.faithfulness)
+        faithfulness_figure(faith.fractions, {m: {k: np.stack(v) for k, v in c.items()} for m, c in faith.curves.items()},
                             out / "faithfulness.png")
     _atomic_text(out / "explain.json", json.dumps(_provenance(model, result, target, steps if faithfulness else None),
                                                   indent=1, default=str))
     return result
+
+
+def _write_item(out: Path, name: str, it: ExplainItem, panel: Panel, cams: dict[str, tuple[np.ndarray, np.ndarray]],
+                model: ExplainModel, result: ExplainResult) -> Panel:
+    """Save one item's maps (image-size and grid) and overlay, record its row; return its grid-sized panel."""
+    for m, (cam, grid) in cams.items():
+        panel.maps[m] = np.clip(to_image_geometry(cam, panel.rgb.shape[:2], model.preprocess), 0, 1).astype(np.float32)
+        _atomic_npy(out / "maps" / f"{name}.{m}.npy", panel.maps[m])
+        _atomic_npy(out / "maps" / f"{name}.{m}.grid.npy", grid.astype(np.float32))
+        if float(grid.max()) <= 0:
+            result.empty_maps.append((it.id, m))
+    overlay_figure(panel, result.layer, out / "overlays" / f"{name}.png")
+    result.items.append({"id": it.id, "group": it.group, "true": it.label, "pred": panel.pred, "score": panel.score,
+                         "target": panel.target, "target_score": panel.target_score, "recorded_pred": it.recorded_pred,
+                         "overlay": f"overlays/{name}.png", **{f"map_{m}": f"maps/{name}.{m}.npy" for m in cams}})
+    return replace(panel, rgb=_thumb(panel.rgb), maps={m: _thumb(v) for m, v in panel.maps.items()})
+
+
+@dataclass
+class _Faithfulness:
+    """Deletion/insertion results accumulated over a run."""
+
+    rows: list[dict] = field(default_factory=list)
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)
+    fractions: np.ndarray | None = None
+
+    def score(self, model: ExplainModel, x: torch.Tensor, maps: dict[str, np.ndarray], target: int, it: ExplainItem,
+              steps: int, seed: int) -> None:
+        for m, sal in maps.items():
+            c = fa.deletion_insertion(model.net, x, sal, target, model.preprocess, steps=steps, seed=seed)
+            self.fractions = c.fractions
+            self.rows.append({"id": it.id, "group": it.group or it.id, "method": m, "deletion": c.deletion_auc,
+                              "insertion": c.insertion_auc})
+            self.curves.setdefault(m, {"deletion": [], "insertion": []})
+            self.curves[m]["deletion"].append(c.deletion)
+            self.curves[m]["insertion"].append(c.insertion)
 
 
 def _write_items_csv(path: Path, rows: list[dict]) -> None:
