@@ -86,24 +86,20 @@ def main() -> int:
     _, layer = resolve_layer(model, None, trace_layers(model, xb[:1]))
     targets = [0] * len(xb)
 
-    def timed(fn, repeat=3):
-        """Best of ``repeat`` timings per image (the least disturbed by other processes on shared cores)."""
-        fn()
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best / len(xb)
-
     def fwd_bwd():
         x = xb.clone().requires_grad_(True)
         model.net(x)[:, 0].sum().backward()
 
-    cost = {"baseline_forward_backward": timed(fwd_bwd)}
-    for m in methods:
-        if m != "scorecam":
-            cost[m] = timed(lambda m=m: compute_cam(model.net, xb, m, layer, targets))
+    runs = {"baseline_forward_backward": fwd_bwd}
+    runs.update({m: (lambda m=m: compute_cam(model.net, xb, m, layer, targets)) for m in methods if m != "scorecam"})
+    cost = {name: float("inf") for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(5):  # interleaved rounds, best of each: robust to other processes on shared cores
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            cost[name] = min(cost[name], (time.perf_counter() - t0) / len(xb))
     ratio = {m: cost[m] / cost["baseline_forward_backward"] for m in methods if m in cost}
 
     t0 = time.perf_counter()
