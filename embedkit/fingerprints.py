@@ -8,8 +8,8 @@ makes it blind to flips and 90-degree rotations. The band-pass keeps cell textur
 drops the smooth blob every cell shares, which is what lets distinct cells stay apart.
 
 Why not the encoder's embedding: CNN features are not rotation-invariant. On MitoCheck with
-efficientnet_lite0, rotated copies of a cell fall to cosine 0.69 from their original while distinct cells
-from other movies reach 0.986, so no embedding threshold separates them; fingerprints do (copies
+efficientnet_lite0, rotated copies of a cell fall to cosine 0.78 from their original (0.69 when also
+dimmed by 10 %) while distinct cells from other movies reach 0.986, so no embedding threshold separates them; fingerprints do (copies
 >= 0.993, distinct cells <= 0.96; numbers in docs/neighbors.md and bench/neighbors.json).
 """
 

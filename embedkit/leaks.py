@@ -12,7 +12,7 @@ Two similarities (``by``):
   (:mod:`embedkit.fingerprints`). Threshold 0.975, from MitoCheck: augmented copies of a cell score
   >= 0.993 with their original, distinct cells of other movies <= 0.96.
 * ``embedding``: cosine of the store key's vectors. Catches copies the encoder itself cannot tell
-  apart, but not rotated ones with CNN features (rotated copies fell to 0.69 with efficientnet_lite0),
+  apart, but not rotated ones with CNN features (rotated copies fell to 0.78 with efficientnet_lite0),
   and its scale depends on the encoder. Threshold 0.99 (distinct MitoCheck cells of other movies reach
   0.986 with efficientnet_lite0).
 """
