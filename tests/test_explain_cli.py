@@ -53,8 +53,8 @@ def spot_probe(tmp_path_factory, mitocheck_dir):
             Image.fromarray(arr).save(data / cls / c.name)
     store = root / "spot.h5"
     run_main("embed", data, "--store", store, "--group-by", "mitocheck", "--quiet")
-    run_main("probe", store, "--heads", "logreg,knn", "--folds", "3", "--C", "0.1,1", "--n-boot", "100", "--out",
-            root / "results", "--quiet")
+    run_main("probe", store, "--heads", "logreg,knn", "--folds", "3", "--C", "0.1,1", "--n-boot", "100",
+             "--out", root / "results", "--quiet")
     return root
 
 
