@@ -74,6 +74,17 @@ def write_lock(path: str | os.PathLike) -> Iterator[None]:
         fh.close()
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a small file so that readers see the old or the new content, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
@@ -454,12 +465,7 @@ class Journal:
         self._atomic_write(self.dir / "state.json", json.dumps(state, indent=1, sort_keys=True).encode())
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
 
     def write_chunk(self, **arrays: np.ndarray) -> None:
         """Add one chunk of results (plain arrays, no pickled objects) as the next numbered file."""

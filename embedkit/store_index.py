@@ -165,12 +165,9 @@ def build_store_index(store_path: str | os.PathLike, key: str, kind: str = "auto
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from .store import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def read_record(store_path: str | os.PathLike, key: str, path: str | os.PathLike | None = None) -> tuple[Path, dict] | None:

@@ -85,12 +85,9 @@ def create_architecture(arch: str, num_classes: int, image_size: int) -> nn.Modu
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from ..store import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict) -> None:

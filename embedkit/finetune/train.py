@@ -94,12 +94,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from ..store import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def run_identity(settings: dict) -> str:
