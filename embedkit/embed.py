@@ -6,7 +6,6 @@ Progress is journalled in atomically written chunks beside the store, so an inte
 
 from __future__ import annotations
 
-import contextlib
 import json
 import csv
 import os
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import store as st
+from .device import autocast, resolve_device, worker_init
 from .encoders import Encoder, Preprocess
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
@@ -100,22 +100,6 @@ def collate(batch):
     bad = [(b[0], b[2]) for b in batch if b[1] is None]
     x = torch.stack([b[1] for b in good]) if good else None
     return ids, [b[0] for b in good], x, bad
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbedkitError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    return torch.device(device)
 
 
 @dataclass
@@ -248,11 +232,11 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=cuda,
-        worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+        worker_init_fn=worker_init if workers else None, persistent_workers=False,
         prefetch_factor=4 if workers else None)
     model = encoder.to(dev)
     model = model.to(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else contextlib.nullcontext()
+    amp = autocast(dev)
     buf_ids: list[str] = []
     buf_vecs: list[np.ndarray] = []
     buf_bad: list[str] = []

@@ -29,6 +29,8 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_write_bytes, fsync_dir
+from .configdiff import describe_differences
 from .errors import EmbedkitError
 from .sources import Item
 
@@ -74,25 +76,6 @@ def write_lock(path: str | os.PathLike) -> Iterator[None]:
         fh.close()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a small file so that readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def transaction(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Yield a writable h5py.File whose changes replace ``path`` atomically when the block succeeds.
@@ -120,7 +103,7 @@ def transaction(path: str | os.PathLike) -> Iterator[h5py.File]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(Exception):
             f.close()
@@ -251,13 +234,6 @@ COMPARED_FIELDS = ("encoder", "weights_fingerprint", "preprocess", "pooling", "c
 
 def comparable_config(config: dict) -> dict:
     return {k: config.get(k) for k in COMPARED_FIELDS}
-
-
-def describe_differences(old: dict, new: dict, fields: Sequence[str] | None = None) -> str:
-    """'field: old vs new' for each differing field (all but library versions when ``fields`` is None)."""
-    names = fields if fields is not None else sorted((set(old) | set(new)) - {"versions"})
-    diffs = [f"{k}: {old.get(k)!r} before vs {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
-    return "; ".join(diffs)[:300] or "no visible difference"
 
 
 def config_mismatch_message(key: str, old: dict, new: dict) -> str:

@@ -165,7 +165,7 @@ def build_store_index(store_path: str | os.PathLike, key: str, kind: str = "auto
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    from .store import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 

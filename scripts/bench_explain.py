@@ -59,7 +59,8 @@ def main() -> int:
 
     import torch
 
-    from embedkit.embed import embed, resolve_device, to_tensor
+    from embedkit.device import resolve_device
+from embedkit.embed import embed, to_tensor
     from embedkit.encoders import create_encoder
     from embedkit.explain import (StoreItems, compute_cam, explain, load_model, load_item_rgb, parse_methods,
                                   resolve_layer, select_items, trace_layers)

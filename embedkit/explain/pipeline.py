@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..embed import resolve_device, to_tensor
+from ..device import resolve_device
+from ..embed import to_tensor
 from ..store import now_iso
 from . import faithfulness as fa
 from .cams import GRADIENT_FREE, compute_cam, parse_methods

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import autocast, loader_kwargs
 from ..errors import BadImageError
 from .data import CellDataset, collate
 
@@ -27,20 +27,10 @@ class Prediction:
         return len(self.proba) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return contextlib.nullcontext()
-
-
 def loader(ds: CellDataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:
     """A DataLoader over ``ds`` (in order unless a sampler is given)."""
-    from ..embed import _worker_init
-
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                                       collate_fn=collate, pin_memory=device.type == "cuda",
-                                       worker_init_fn=_worker_init if workers else None, persistent_workers=False)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       collate_fn=collate, **loader_kwargs(device, workers))
 
 
 def raise_bad(bad: list[tuple[int, str]]) -> None:

@@ -85,7 +85,7 @@ def create_architecture(arch: str, num_classes: int, image_size: int) -> nn.Modu
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    from ..store import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -95,7 +95,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
 
     Re-running the same call resumes an interrupted run; finished folds are not trained again.
     """
-    from ..embed import resolve_device
+    from ..device import resolve_device
     from ..results import predictions_frame, write_results
 
     train.check()

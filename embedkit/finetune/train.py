@@ -94,7 +94,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _atomic_json(obj, path: Path) -> None:
-    from ..store import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import EmbedkitError
 from .features import CHUNK_ROWS, Preprocessor, class_weights
 from .saved import LINEAR_HEADS, Probe, knn_proba, linear_scores, softmax
@@ -31,11 +32,7 @@ DINO_TEMPERATURE = 0.07
 
 def solver_device(device: str = "auto") -> torch.device:
     """Where the linear solver runs: 'auto' is the GPU when CUDA is present, the CPU otherwise."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbedkitError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    return torch.device(device)
+    return resolve_device(device, allow_mps=False)
 
 
 class FoldedLinear(nn.Module):

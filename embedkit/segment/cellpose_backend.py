@@ -174,7 +174,7 @@ class CellposeSegmenter:
     def _network(self):
         """Build the Cellpose model on first use, so that a finished run never pays for it."""
         if self._model is None:
-            from ..embed import resolve_device
+            from ..device import resolve_device
 
             _quiet_cellpose()
             from cellpose import models
