@@ -1,12 +1,12 @@
-"""The embedding engine: source -> DataLoader (parallel decode) -> frozen encoder -> journal -> store.
+"""The embedding engine: source -> DataLoader (parallel decode) -> frozen encoder -> vector shards -> store.
 
-Progress is journalled in atomically written chunks beside the store, so an interrupted run (even
-``kill -9``) resumes where it stopped and ends with the same vectors as an uninterrupted one.
+Progress is the set of shards a run has written beside the store (see :mod:`embedkit.store.runs`), so an
+interrupted run (even ``kill -9``) resumes where it stopped and ends with the same vectors as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
 import csv
 import os
 import sys
@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from . import store as st
+from .configdiff import describe_differences
+from .store.schema import upgrade_message
+from .store.writing import append_items, commit_embedding
 from .device import autocast, resolve_device, worker_init
 from .encoders import Encoder, Preprocess
 from .errors import BadImageError, EmbedkitError
@@ -70,7 +73,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.entries = list(entries)  # (item id, absolute path)
         self.pre, self.conv = pre, conv
         self.store_path, self.store_rows = store_path, store_rows
-        self._h5 = None
+        self._store: st.Store | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -78,13 +81,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def _rgb(self, i: int) -> np.ndarray:
         if self.store_path is None:
             return load_rgb(self.entries[i][1], self.conv)
-        import h5py
-
         from .images import to_rgb
 
-        if self._h5 is None:
-            self._h5 = h5py.File(self.store_path, "r")
-        return to_rgb(self._h5["pixels"][self.store_rows[i]], self.conv, self.entries[i][1])
+        if self._store is None:  # opened lazily, in the worker process that reads
+            self._store = st.Store(self.store_path)
+        return to_rgb(self._store.pixels(int(self.store_rows[i])), self.conv, self.entries[i][1])
 
     def __getitem__(self, i: int):
         item_id = self.entries[i][0]
@@ -131,96 +132,88 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
           report_path: str | None = None) -> EmbedResult:
     """Embed every item of ``source`` (or a store's own pixels when ``source`` is the store path) into the store.
 
-    Re-running after an interruption resumes from the journal; vectors already in the store are kept.
+    Every check that can refuse the run happens before anything is written. Progress is the set of vector
+    shards the run has written; re-running after an interruption resumes from them.
     """
     store_path = str(store_path)
-    key = key or st.key_for(encoder.spec.name)
+    key = st.validate_key(key or st.key_for(encoder.spec.name))
     cfg = run_config(encoder, conv, dtype)
     cfg_fp = st.fingerprint(st.comparable_config(cfg))
     dev = resolve_device(device)
     t0 = time.perf_counter()
     with st.write_lock(store_path):
+        s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
         if from_store:
             if os.path.abspath(source) != os.path.abspath(store_path):
                 raise EmbedkitError("to embed a store's pixels, pass the same store as SOURCE and --store")
-            s = st.Store(store_path)
-            if not s.has_pixels:
+            if s is None or not s.has_pixels:
                 raise EmbedkitError(f"{store_path} holds no pixels; embed from the image files instead")
-            ids = list(s.ids)
-            entries = [(i, f"{store_path}[{r}]") for r, i in enumerate(ids)]
+            new_items = []
+            entries = [(i, f"{store_path}[{r}]") for r, i in enumerate(s.ids)]
         else:
-            _prepare_items(source, store_path, skip_bad)
-            ids = [it.id for it in source.items]
+            new_items = _new_items(source, s, skip_bad)
             entries = [(it.id, source.abspath(it)) for it in source.items]
-        s = st.Store(store_path)
-        row_of = {i: r for r, i in enumerate(s.ids)}
-        done = np.zeros(len(row_of), dtype=bool)
-        if key in s.keys:
+        done = None
+        if s is not None and key in s.keys:
             old = s.config(key)
             if st.fingerprint(st.comparable_config(old)) != cfg_fp:
                 raise EmbedkitError(st.config_mismatch_message(key, old, cfg))
             done = s.done(key)
-        journal = st.Journal(store_path, key)
-        journal.start({"config": cfg, "config_fingerprint": cfg_fp, "batch_size": batch_size})
-        journalled = {str(i) for c in journal.iter_chunks() for i in c["ids"]}
-        todo = [(i, p) for i, p in entries if not done[row_of[i]] and i not in journalled]
+        run = st.Run(store_path, "embed", key)
+        run.start({"config": cfg, "batch_size": batch_size}, cfg_fp, lambda a, b: describe_differences(a.get("config", {}), b.get("config", {})))
+        if new_items:
+            append_items(store_path, new_items, source.root)
+        s = st.Store(store_path)
+        ids = s.ids
+        row_of = {i: r for r, i in enumerate(ids)}
+        done = np.zeros(len(ids), bool) if done is None else np.concatenate([done, np.zeros(len(ids) - len(done), bool)])
+        pending = {int(r) for p in run.shards() for r in st.Run.read(p, "rows")["rows"]}
+        todo = [(i, p) for i, p in entries if not done[row_of[i]] and row_of[i] not in pending]
         n_resumed = len(entries) - len(todo)
         if todo:
             ds = ImageDataset(todo, encoder.preprocess, conv, store_path if from_store else None,
                               [row_of[i] for i, _ in todo] if from_store else None)
-            _run(ds, encoder, journal, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
+            _run(ds, encoder, run, row_of, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
                  total=len(entries), initial=n_resumed)
-        chunks = journal.chunks()
-        bad = {str(i): (str(path), str(r)) for c in journal.iter_chunks()
-               for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r}
+        shards = run.shards()
+        bad = {}
+        for p in shards:
+            c = st.Run.read(p, "ids", "bad", "paths")
+            bad.update({str(i): (str(path), str(r)) for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r})
         skipped = list(bad.values())
         report = _write_report(skipped, report_path or f"{os.path.splitext(store_path)[0]}.{key}.skipped.csv") if skipped else None
-        if chunks or key not in s.keys:
-            with st.transaction(store_path) as f:
-                g = st.ensure_embedding(f, key, encoder.dim, dtype, cfg)
-                for chunk in journal.iter_chunks():
-                    rows = np.array([row_of[str(i)] for i in chunk["ids"]], dtype=np.int64)
-                    ok = chunk["bad"] == ""
-                    _write_rows(g["vectors"], rows[ok], chunk["vectors"][ok])
-                    _write_rows(g["done"], rows[ok], np.ones(int(ok.sum()), dtype=bool))
-                g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
-                g.attrs["modified"] = st.now_iso()
-        journal.discard()
+        if shards or key not in s.keys:
+            commit_embedding(store_path, run, key, encoder.dim, dtype, cfg, skipped)
+        else:
+            run.finish()
     n_new = sum(1 for i, _ in todo if i not in bad)
     return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report)
 
 
-def _write_rows(ds, rows: np.ndarray, values: np.ndarray) -> None:
-    if len(rows) == 0:
-        return
-    order = np.argsort(rows)
-    rows, values = rows[order], values[order]
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for seg_rows, seg_vals in zip(np.split(rows, breaks), np.split(values, breaks)):
-        ds[seg_rows[0]:seg_rows[-1] + 1] = seg_vals
+def _open_for_writing(store_path: str) -> st.Store | None:
+    """The existing store (None when there is none yet), refusing one this version cannot append to."""
+    if not os.path.exists(store_path):
+        return None
+    s = st.Store(store_path)
+    if s.schema < st.SCHEMA_VERSION:
+        raise EmbedkitError(upgrade_message(store_path))
+    return s
 
 
-def _prepare_items(source: Source, store_path: str, skip_bad: bool) -> None:
-    """Make sure the store exists and holds every item of the source (new ones are appended)."""
-    if os.path.exists(store_path):
-        s = st.Store(store_path)
-        known = set(s.ids) if len(s) else set()
-        new = [it for it in source.items if it.id not in known]
-        if not new:
-            return
-    else:
-        new = list(source.items)
+def _new_items(source: Source, s: st.Store | None, skip_bad: bool) -> list:
+    """Items of the source that the store does not hold yet; refuse missing files unless skipping bad ones."""
+    known = set(s.ids) if s is not None and len(s) else set()
+    new = [it for it in source.items if it.id not in known]
     if not skip_bad:
         missing = [it for it in new if not os.path.exists(source.abspath(it))]
         if missing:
             raise BadImageError(source.abspath(missing[0]), f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                 f"fix the source or pass --skip-bad to skip and list them")
-    with st.transaction(store_path) as f:
-        st.write_items(f, new, source.root)
+    return new
 
 
-def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.device, batch_size: int,
+def _run(ds: ImageDataset, encoder: Encoder, run: st.Run, row_of: dict[str, int], dev: torch.device, batch_size: int,
          workers: int | None, dtype: str, skip_bad: bool, checkpoint_rows: int, progress: bool,
          total: int, initial: int) -> None:
     from tqdm.auto import tqdm
@@ -247,8 +240,10 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
     def flush():
         nonlocal buf_ids, buf_vecs, buf_bad, last_flush
         if buf_ids:
-            journal.write_chunk(ids=np.array(buf_ids, dtype=str), vectors=np.concatenate(buf_vecs).astype(np_dtype),
-                                bad=np.array(buf_bad, dtype=str), paths=np.array([path_of[i] for i in buf_ids], dtype=str))
+            rows = np.array([row_of[i] for i in buf_ids], dtype=np.int64)
+            run.write(st.Run.shard_name("w0", "r", int(rows.min()), int(rows.max()) + 1),
+                      {"rows": rows, "ids": np.array(buf_ids, dtype=object), "vectors": np.concatenate(buf_vecs).astype(np_dtype),
+                       "bad": np.array(buf_bad, dtype=object), "paths": np.array([path_of[i] for i in buf_ids], dtype=object)})
         buf_ids, buf_vecs, buf_bad, last_flush = [], [], [], time.monotonic()
 
     bar = tqdm(total=total, initial=initial, unit="img", desc=f"embed {encoder.spec.name}", disable=not progress,

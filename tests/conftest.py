@@ -47,4 +47,7 @@ def lite0_store(lite0_store_ro, tmp_path) -> Path:
     """A private copy of the embedded sample that a test may modify."""
     dst = tmp_path / "cells.h5"
     shutil.copy(lite0_store_ro, dst)
+    shards = Path(f"{lite0_store_ro}.shards")  # a store's big arrays live in shards beside it
+    if shards.is_dir():
+        shutil.copytree(shards, f"{dst}.shards")
     return dst

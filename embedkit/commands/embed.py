@@ -45,6 +45,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     from ..encoders import create_encoder
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..sources import discover
+    from ..store import validate_key, write_lock
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     if len(source) == 1 and os.path.abspath(source[0]) == os.path.abspath(store_path):
@@ -54,9 +55,12 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         labelled = sum(bool(it.label) for it in src.items)
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
-    enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
-    res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
-                    dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet)
+    if key is not None:
+        validate_key(key)
+    with write_lock(store_path):  # a second writer is refused before the model loads
+        enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
+        res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
+                        dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet)
     msg = (f"embedded {res.n_embedded} images into {res.store} under key '{res.key}' "
            f"({res.images_per_second:.1f} img/s, dim {enc.dim})")
     if res.n_resumed:

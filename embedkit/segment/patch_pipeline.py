@@ -1,6 +1,6 @@
 """``embedkit patches`` as a library call: fields -> sliding windows -> empty filter -> (GMM labels) -> store.
 
-Runs journal one chunk per field and commit once, like segmentation. Labels from a paired channel are
+Finished fields go into the run's shards and one commit stitches them, like segmentation. Labels from a paired channel are
 assigned at commit, after the mixture is fitted on every patch of the run (or taken from saved thresholds).
 """
 
@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -24,9 +23,10 @@ from .fields import load_field
 from .filters import LearnedFilter, SimpleFilter
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
-from .pipeline import fail_or_record, journalled, open_journal, sidecar
+from .pipeline import fail_or_record, sidecar
 
-JOURNAL_KEY = "patches"
+RUN_KIND = "patches"
+PATCH_COLUMNS = ("offset", "foreground", "std", "filter_score", "paired_mean")
 
 
 @dataclass(frozen=True)
@@ -124,25 +124,31 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
     with st.write_lock(store_path):
         in_store = storeio.finished_fields(store_path, "patches", config)
         # labelling happens at commit, so a run may resume with other GMM settings (e.g. after a failed fit)
-        journal = open_journal(store_path, JOURNAL_KEY, {k: v for k, v in config.items() if k != "gmm"})
-        done = journalled(journal)
+        run = storeio.open_run(store_path, RUN_KIND, {k: v for k, v in config.items() if k != "gmm"})
+        done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
         bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
+        shards = storeio.FieldShards(run)
         try:
             for k, item in todo:
-                _one_field(source, k, item, size, stride, conv, filt, paired, journal, device, batch_size, skip_bad, res.failed)
+                _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad, res.failed)
                 bar.update(1)
+            shards.flush()
+        except KeyboardInterrupt:
+            shards.flush()  # whole fields only, so keeping them is safe
+            raise
         finally:
             bar.close()
-        done = journalled(journal)
+        done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         attrs = {}
         if paired is not None:
             thresholds = thresholds or _stored_thresholds(store_path)
             if thresholds is None and new_fields:
-                values = np.concatenate([_load(done[f], "paired_mean")["paired_mean"] for f in new_fields])
+                cache: dict = {}
+                values = np.concatenate([storeio.field_rows(done[f], ["paired_mean"], cache)["paired_mean"] for f in new_fields])
                 thresholds = fit_thresholds(values, classes)
                 out = thresholds_out or sidecar(store_path, ".gmm.json")
                 res.thresholds_path = str(thresholds.save(out))
@@ -154,10 +160,11 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         if res.failed:
             res.report = str(outputs.write_failures(report_path or sidecar(store_path, ".patches-failed.csv"), res.failed))
         if new_fields or res.failed or not os.path.exists(store_path):
-            storeio.commit(store_path, "patches", config, source.root,
-                           _batches(source, done, new_fields, store_path, res, thresholds),
+            storeio.commit(store_path, run, "patches", config, source.root,
+                           _batches(source, done, new_fields, store_path, res, thresholds, size),
                            (size, size, 3), new_fields, res.failed, attrs)
-        journal.discard()
+        else:
+            run.finish()
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -169,14 +176,8 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     return GmmThresholds.from_dict(d)
 
 
-def _load(path: Path, *keys: str) -> dict[str, np.ndarray]:
-    """Arrays of one journal chunk (only ``keys`` when given, so the pixels stay on disk)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in (keys or z.files)}
-
-
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
-               paired: PairedChannel | None, journal: st.Journal, device: str, batch_size: int, skip_bad: bool,
+               paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
                failed: list) -> None:
     path = source.abspath(item)
     try:
@@ -200,21 +201,22 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
     else:
         keep = np.ones(len(patches), bool)
     means = window_means(plane, offsets[keep], size) if plane is not None else np.full(int(keep.sum()), np.nan)
-    journal.write_chunk(field=np.array([item.id]), index=np.array([k]), n_windows=np.array([len(patches)]),
-                        offset=offsets[keep], pixels=patches[keep], foreground=fg[keep], std=sd[keep],
-                        filter_score=score[keep], paired_mean=means.astype(np.float64))
+    shards.add(k, item.id, {"n_windows": len(patches)},
+               {"offset": offsets[keep], "foreground": fg[keep], "std": sd[keep], "filter_score": score[keep],
+                "paired_mean": means.astype(np.float64), "pixels": patches[keep]})
 
 
-def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str, res: PatchResult,
-             thresholds: GmmThresholds | None) -> Iterator[storeio.Batch]:
+def _batches(source: Source, done: dict[str, storeio.FieldRef], fields: list[str], store_path: str, res: PatchResult,
+             thresholds: GmmThresholds | None, size: int) -> Iterator[storeio.Batch]:
     by_id = {it.id: it for it in source.items}
     stored = storeio.path_writer(store_path, source.root)
+    cache: dict = {}
     for fid in fields:
-        it = by_id[fid]
-        c = _load(done[fid])
-        n = len(c["offset"])
-        res.n_windows += int(c["n_windows"][0])
-        res.n_empty += int(c["n_windows"][0]) - n
+        it, ref = by_id[fid], done[fid]
+        c = storeio.field_rows(ref, PATCH_COLUMNS, cache)
+        n = ref.count
+        res.n_windows += ref.info["n_windows"]
+        res.n_empty += ref.info["n_windows"] - n
         labels = np.array([it.label] * n, dtype=object)
         keep = np.ones(n, bool)
         if thresholds is not None:
@@ -228,9 +230,8 @@ def _batches(source: Source, done: dict[str, Path], fields: list[str], store_pat
         rel = stored(it.path)
         items = [Item(id=f"{it.id}@{y},{x}", path=it.path, label=str(lab), group=it.group, meta=dict(it.meta))
                  for (y, x), lab in zip(off, labels[keep])]
-        size = c["pixels"].shape[1]
         columns = {"source": np.array([rel] * len(off), dtype=object), "offset": off,
                    "bbox": np.concatenate([off, off + size], axis=1).astype(np.int32),
                    "foreground": c["foreground"][keep], "std": c["std"][keep], "filter_score": c["filter_score"][keep],
                    "paired_mean": c["paired_mean"][keep].astype(np.float32)}
-        yield items, columns, c["pixels"][keep]
+        yield items, columns, ref.shard, ref.start + np.flatnonzero(keep)
