@@ -111,7 +111,7 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
                     device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                    report_path: str | None = None) -> PatchResult:
+                    report_path: str | None = None, checkpoint_fields: int | None = None) -> PatchResult:
     """Cut every field of ``source`` into patches in the store (resuming an interrupted run)."""
     from tqdm.auto import tqdm
 
@@ -130,14 +130,14 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         res.n_resumed = len(source.items) - len(todo)
         bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run)
+        shards = storeio.FieldShards(run, checkpoint_fields)
         try:
             for k, item in todo:
                 _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad, res.failed)
                 bar.update(1)
             shards.flush()
-        except KeyboardInterrupt:
-            shards.flush()  # whole fields only, so keeping them is safe
+        except BaseException:
+            shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
             raise
         finally:
             bar.close()

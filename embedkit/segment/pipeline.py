@@ -77,7 +77,7 @@ def _pixel_size(item: Item, default: float | None) -> float | None:
 def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Segmenter, crop: CropParams = CropParams(),
                    *, conv: Conversion = Conversion(), seg_channels: tuple[int, ...] | None = None,
                    pixel_size: float | None = None, labels_dir: str | None = None, overlays: int = 0,
-                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None) -> SegmentResult:
+                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None, checkpoint_fields: int | None = None) -> SegmentResult:
     """Segment every field of ``source`` into cells in the store (resuming an interrupted run)."""
     from tqdm.auto import tqdm
 
@@ -96,15 +96,15 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
         n_found = 0
         bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
                    disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run)
+        shards = storeio.FieldShards(run, checkpoint_fields)
         try:
             for k, item in todo:
                 n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards, labels_dir,
                                       overlays_dir if k < overlays else None, skip_bad, failed)
                 bar.update(1)
             shards.flush()
-        except KeyboardInterrupt:
-            shards.flush()  # whole fields only, so keeping them is safe
+        except BaseException:
+            shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
             raise
         finally:
             bar.close()
