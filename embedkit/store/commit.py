@@ -126,7 +126,6 @@ def verify_main(path: Path, default_folder: Path) -> str | None:
 
 
 def _row_aligned(name: str) -> bool:
-    """Datasets with one row per item."""
+    """Datasets with one row per item (views keep the row count they were made for, and go stale)."""
     parts = name.split("/")
-    return (parts[0] == "items" or name == "pixels" or (parts[0] == "embeddings" and parts[-1] in ("vectors", "done"))
-            or (parts[0] == "views" and len(parts) == 3))
+    return parts[0] == "items" or name == "pixels" or (parts[0] == "embeddings" and parts[-1] in ("vectors", "done"))
