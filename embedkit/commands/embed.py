@@ -47,6 +47,8 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     from ..sources import discover
     from ..store import validate_key, write_lock
 
+    if key is not None:
+        validate_key(key)
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     if len(source) == 1 and os.path.abspath(source[0]) == os.path.abspath(store_path):
         src = store_path
@@ -55,8 +57,6 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         labelled = sum(bool(it.label) for it in src.items)
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
-    if key is not None:
-        validate_key(key)
     with write_lock(store_path):  # a second writer is refused before the model loads
         enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
