@@ -11,6 +11,7 @@ an HDF5 virtual dataset for plain h5py readers, and keeps the same mapping as a 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import zlib
 from collections import OrderedDict
@@ -102,21 +103,24 @@ def write_shard(folder: Path, rel: str, arrays: dict[str, np.ndarray], chunk_row
     expected = 0
     for name in sorted(arrays):
         expected = array_checksum(arrays[name], expected)
+    buf = io.BytesIO()  # built in memory and written by plain file I/O: a full disk is one clean OSError
+    with h5py.File(buf, "w") as f:
+        f.attrs["checksum"] = _checksum_text(expected)
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            if arr.dtype.kind in "OUS":
+                f.create_dataset(name, data=np.asarray(arr, dtype=object), dtype=STR)
+            elif chunk_rows and name in chunk_rows and arr.shape[0]:
+                rows = max(1, min(chunk_rows[name], arr.shape[0]))
+                f.create_dataset(name, data=arr, chunks=(rows,) + arr.shape[1:], compression="gzip", compression_opts=1)
+            else:
+                f.create_dataset(name, data=arr)
     try:
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["checksum"] = _checksum_text(expected)
-                for name, arr in arrays.items():
-                    arr = np.asarray(arr)
-                    if arr.dtype.kind in "OUS":
-                        f.create_dataset(name, data=np.asarray(arr, dtype=object), dtype=STR)
-                    elif chunk_rows and name in chunk_rows and arr.shape[0]:
-                        rows = max(1, min(chunk_rows[name], arr.shape[0]))
-                        f.create_dataset(name, data=arr, chunks=(rows,) + arr.shape[1:], compression="gzip",
-                                         compression_opts=1)
-                    else:
-                        f.create_dataset(name, data=arr)
-            fault("shard:written", tmp)
+            with open(tmp, "wb") as fh:
+                fh.write(buf.getbuffer())
+                fh.flush()
+                fault("shard:written", tmp)
             got = _read_back(tmp)
             if got != _checksum_text(expected):
                 raise EmbedkitError(f"disk full or I/O error while writing {path} (it read back with checksum {got}, "
