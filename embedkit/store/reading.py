@@ -193,7 +193,10 @@ class Store:
             step = max(1, 2 ** 26 // max(1, dim * r.dtype.itemsize))
             for s in range(start, stop, step):
                 e = min(stop, s + step)
-                out[s - start:e - start] = r.read_slice(s, e)
+                if out.dtype == r.dtype:
+                    r.read_slice(s, e, out[s - start:e - start])
+                else:
+                    out[s - start:e - start] = r.read_slice(s, e)
             return out
         rows = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")

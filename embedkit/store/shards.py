@@ -299,21 +299,21 @@ class RowReader:
     def _empty(self, n: int) -> np.ndarray:
         return np.full((n,) + self.shape[1:], self.fill, dtype=self.dtype)
 
-    def read_slice(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop (clipped to the array)."""
+    def read_slice(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows start..stop (clipped to the array), read straight into ``out`` when given (same dtype)."""
         start, stop = max(0, start), min(self.shape[0], stop)
+        if out is None:
+            out = np.empty((max(0, stop - start),) + self.shape[1:], self.dtype)
         if not self.sharded:
-            return self.ds[start:stop]
+            _read_into(self.ds, start, stop, out)
+            return out
         maps = list(self._overlapping(start, stop))
-        if len(maps) == 1 and maps[0][0] <= start and stop <= maps[0][0] + maps[0][1]:  # one shard covers it all
-            vstart, _, fi, sstart = (int(v) for v in maps[0])
-            return self._src(fi)[sstart + start - vstart:sstart + stop - vstart]
-        covered = sum(min(stop, int(m[0] + m[1])) - max(start, int(m[0])) for m in maps)
-        out = (np.empty((stop - start,) + self.shape[1:], self.dtype) if covered == stop - start
-               else self._empty(max(0, stop - start)))
+        if sum(min(stop, int(m[0] + m[1])) - max(start, int(m[0])) for m in maps) != stop - start:
+            out[...] = self.fill  # rows no shard holds read as the fill value
         for vstart, n, fi, sstart in maps:
-            lo, hi = max(start, vstart), min(stop, vstart + n)
-            out[lo - start:hi - start] = self._src(int(fi))[int(sstart + lo - vstart):int(sstart + hi - vstart)]
+            lo, hi = max(start, int(vstart)), min(stop, int(vstart + n))
+            _read_into(self._src(int(fi)), int(sstart) + lo - int(vstart), int(sstart) + hi - int(vstart),
+                       out[lo - start:hi - start])
         return out
 
     def _overlapping(self, start: int, stop: int) -> Iterator[np.ndarray]:
@@ -351,9 +351,15 @@ def _take(ds: h5py.Dataset, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     pos = 0
     for run in np.split(rows, breaks):
-        out[pos:pos + len(run)] = ds[int(run[0]):int(run[-1]) + 1]
+        _read_into(ds, int(run[0]), int(run[-1]) + 1, out[pos:pos + len(run)])
         pos += len(run)
     return out
+
+
+def _read_into(ds: h5py.Dataset, start: int, stop: int, out: np.ndarray) -> None:
+    """Rows start..stop of ``ds`` into the (C-contiguous) array ``out`` without a temporary copy."""
+    if stop > start:
+        ds.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
 
 
 def check_store_shards(store_path: str | os.PathLike, f: h5py.File) -> tuple[int, list[str]]:
