@@ -198,16 +198,15 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     groups_of_class = {c: len(set(data.groups[use & (data.labels == c)])) for c in classes}
     _check_classes_in_train(splits, names, label_of, classes, groups_of_class)
     notes += check_splits(splits, dict(zip(data.ids, data.groups)), label_of)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits.save(out / "splits.json")
-
     # load only what any run needs: its split items plus the unlabelled items (predicted, never scored)
     pos_of = {i: p for p, i in enumerate(data.ids)}
     needed = sorted({pos_of[i] for f in splits.folds for p in PARTS for i in f.part(p)}
                     | set(np.flatnonzero(data.labels == "").tolist()))
     needed = np.asarray(needed, dtype=np.int64)
-    x = data.vectors(needed)
+    x = data.vectors(needed)  # refuses NaN rows before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits.save(out / "splits.json")
     local = {int(p): j for j, p in enumerate(needed)}
     class_index = {c: k for k, c in enumerate(classes)}
     y = np.array([class_index.get(data.labels[p], -1) for p in needed], dtype=np.int64)
