@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import EmbedkitError
 from .images import is_image_file
+from .items import Item
 
 #: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
 GROUP_PRESETS: dict[str, str] = {
@@ -22,17 +23,6 @@ GROUP_PRESETS: dict[str, str] = {
     "parent": r"^(?:(.*)/)?[^/]+$",
     "file": r"^(.*)$",
 }
-
-
-@dataclass
-class Item:
-    """One image (or cell) to embed."""
-
-    id: str
-    path: str
-    label: str = ""
-    group: str = ""
-    meta: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
