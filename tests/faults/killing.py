@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .cases import cli, cli_env
+from .cases import MITOCHECK, STARDIST_FIELD, cli, cli_env
+
+KILL_CLASSES = ("Anaphase", "Interphase", "Metaphase", "Prometaphase")
 
 #: Attributes that record when or how fast something ran; everything else must match bit for bit.
 _TIMING_ATTRS = ("created", "modified", "seconds", "time", "date", "per_second", "elapsed")
@@ -77,12 +79,20 @@ def seconds(elapsed: float) -> float:
 
 @dataclass
 class KillReport:
-    """What the kills did: which landed while the command still ran, and whether the store stayed readable."""
+    """What the kills did (which landed while the command still ran, whether the store stayed readable),
+    and how the resumed result compares with an uninterrupted run."""
 
+    command: str
     points: list[float]
     mid_run: list[bool] = field(default_factory=list)
     readable: list[bool] = field(default_factory=list)
     resumed_stdout: str = ""
+    differences: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.differences
 
 
 def kill_points(seed: int, n: int, low: float, high: float, integer: bool) -> list[float]:
@@ -96,7 +106,7 @@ def kill_points(seed: int, n: int, low: float, high: float, integer: bool) -> li
 def run_with_kills(args: list[str], cwd: Path, progress: Callable[[float], float], points: list[float],
                    store: Path | None = None, timeout: float = 300) -> KillReport:
     """Start ``args`` once per point and SIGKILL its process group when ``progress`` reaches the point; then finish."""
-    report = KillReport(points)
+    report = KillReport(str(args[0]), points)
     for point in points:
         proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", *map(str, args)], cwd=str(cwd), env=cli_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -137,3 +147,131 @@ def json_without_timings(path: Path) -> str:
         return obj
 
     return json.dumps(strip(json.loads(path.read_text())), sort_keys=True)
+
+
+def differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    """Names whose digests differ between two digest maps (or that only one has)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def make_cells(root: Path, per_class: int = 6) -> Path:
+    """Real MitoCheck cells as class folders, ``per_class`` of each of four classes."""
+    import shutil
+
+    for cls in KILL_CLASSES:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for f in sorted((MITOCHECK / cls).glob("*.png"))[:per_class]:
+            shutil.copy(f, root / cls / f.name)
+    return root
+
+
+def make_fields(root: Path, n: int = 12, size: int = 128) -> Path:
+    """``n`` tiles of the StarDist nuclei field (16-bit), one field each."""
+    import tifffile
+
+    img = tifffile.imread(STARDIST_FIELD)
+    per_row = img.shape[1] // size
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        tifffile.imwrite(root / f"t{i:02d}.tif", img[r * size:(r + 1) * size, c * size:(c + 1) * size])
+    return root
+
+
+# --------------------------------------------------------------------------------------------- scenarios
+
+EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", "3", "--quiet"]
+
+
+def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` chunk counts."""
+    store = work / "killed.h5"
+    n_chunks = -(-sum(1 for _ in cells.rglob("*.png")) // 3)
+    points = kill_points(seed, kills, 1, n_chunks - 1, integer=True)
+    report = run_with_kills(["embed", cells, "--store", store, *EMBED_ARGS], work, chunk_count(Path(f"{store}.partial")),
+                            points, store)
+    report.differences = differing(h5_digest(ref), h5_digest(store))
+    report.leftovers = leftovers(work)
+    return report
+
+
+def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """Watershed segmentation of ``fields``, killed at ``kills`` journal chunk counts; store and label TIFFs compared."""
+    import numpy as np
+    import tifffile
+
+    args = ["--backend", "watershed", "--quiet"]
+    ref, store = work / "ref" / "cells.h5", work / "killed" / "cells.h5"
+    ref.parent.mkdir(parents=True)
+    store.parent.mkdir(parents=True)
+    cli(["segment", fields, "--out", ref, *args], work, check=True)
+    n = sum(1 for _ in fields.glob("*.tif"))
+    points = kill_points(seed, kills, 1, n - 1, integer=True)
+    report = run_with_kills(["segment", fields, "--out", store, *args], work, chunk_count(Path(f"{store}.partial")),
+                            points, store)
+    report.differences = differing(h5_digest(ref), h5_digest(store))
+    labels_ref = sorted(p.relative_to(ref.parent) for p in ref.parent.rglob("*.tif"))
+    labels_out = sorted(p.relative_to(store.parent) for p in store.parent.rglob("*.tif"))
+    if not labels_ref or labels_ref != labels_out:
+        report.differences.append("label TIFF names")
+    report.differences += [str(r) for r in labels_ref if r in labels_out and not np.array_equal(
+        tifffile.imread(ref.parent / r), tifffile.imread(store.parent / r))]
+    report.leftovers = leftovers(store.parent)
+    return report
+
+
+def kill_patches(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """Sliding-window patches of ``fields`` (simple filter), killed at ``kills`` journal chunk counts."""
+    args = ["--size", "32", "--stride", "32", "--quiet"]
+    ref, store = work / "ref.h5", work / "killed" / "patches.h5"
+    store.parent.mkdir(parents=True)
+    cli(["patches", fields, "--out", ref, *args], work, check=True)
+    n = sum(1 for _ in fields.glob("*.tif"))
+    points = kill_points(seed, kills, 1, n - 1, integer=True)
+    report = run_with_kills(["patches", fields, "--out", store, *args], work, chunk_count(Path(f"{store}.partial")),
+                            points, store)
+    report.differences = differing(h5_digest(ref), h5_digest(store))
+    report.leftovers = leftovers(store.parent)
+    return report
+
+
+def kill_finetune(cells: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """Two epochs of a tiny network, killed at ``kills`` random times; weights, predictions and history compared."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    args = ["--group-by", "mitocheck", "--model", "test_resnet", "--random-init", "--image-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--quiet"]
+    ref, out = work / "ref", work / "killed"
+    duration = timed(["finetune", cells, *args, "--out", ref], work)
+    points = kill_points(seed, kills, 0.1 * duration, 0.9 * duration, integer=False)
+    report = run_with_kills(["finetune", cells, *args, "--out", out], work, seconds, points)
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    report.differences = [f"model.safetensors:{k}" for k in sorted(set(a) | set(b))
+                          if k not in a or k not in b or not np.array_equal(a[k], b[k])]
+    if (ref / "predictions.csv").read_bytes() != (out / "predictions.csv").read_bytes():
+        report.differences.append("predictions.csv")
+    report.differences += [n for n in ("history.json", "metrics.json")
+                           if json_without_timings(ref / n) != json_without_timings(out / n)]
+    report.leftovers = leftovers(out)
+    return report
+
+
+def kill_view(store: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """A t-SNE view of an embedded ``store`` (copied twice), killed at ``kills`` random times; stores compared."""
+    import shutil
+
+    ref, killed = work / "ref.h5", work / "killed.h5"
+    shutil.copy(store, ref)
+    shutil.copy(store, killed)
+    args = ["--method", "tsne", "--quiet"]
+    duration = timed(["view", ref, *args, "--out", work / "ref.png"], work)
+    points = kill_points(seed, kills, 0.1 * duration, 0.9 * duration, integer=False)
+    report = run_with_kills(["view", killed, *args, "--out", work / "killed.png"], work, seconds, points, killed)
+    report.differences = differing(h5_digest(ref), h5_digest(killed))
+    if not (work / "killed.png").exists():
+        report.differences.append("killed.png missing")
+    report.leftovers = leftovers(work)
+    return report

@@ -10,7 +10,7 @@ import pytest
 
 from .cases import CASES, Outcome, run_case
 
-QUICK = [c for c in CASES if not c.long]
+QUICK = [c for c in CASES if c.quick]
 
 
 def _param(case):
