@@ -74,7 +74,8 @@ def read_image(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
     except BadImageError:
         raise
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
-        raise BadImageError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())[:200]  # one line, however the decoder formats its message
+        raise BadImageError(str(path), f"not a readable image ({type(exc).__name__}: {reason})") from None
     return _to_hwc(arr, str(path))
 
 

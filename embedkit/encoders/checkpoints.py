@@ -30,6 +30,12 @@ ALLOWED_EXTRA_OR_MISSING = re.compile(
 SHOWN = 3  # how many offending keys an error names
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, short enough for a one-line error."""
+    text = (str(exc).strip().splitlines() or [""])[0][:limit]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _named(keys: list[str]) -> str:
     more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
     return ", ".join(keys[:SHOWN]) + more
@@ -75,8 +81,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors, pickle and zip readers raise many types; all mean "unreadable"
         kind = "safetensors" if p.suffix.lower() == ".safetensors" else "PyTorch"
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise EmbedkitError(f"--weights {p}: not a readable {kind} checkpoint ({type(exc).__name__}: {first})") from None
+        raise EmbedkitError(f"--weights {p}: not a readable {kind} checkpoint ({first_line(exc)})") from None
     return _unwrap(state, p)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
-from .checkpoints import check_keys
+from .checkpoints import check_keys, first_line
 
 
 def hub_cached(repo_id: str) -> bool:
@@ -94,7 +94,7 @@ def _load_hf(spec: EncoderSpec, source: str, pretrained: bool) -> torch.nn.Modul
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report would go to stderr; check_keys says what matters
     hf_logging.disable_progress_bar()
     try:
@@ -108,11 +108,11 @@ def _load_hf(spec: EncoderSpec, source: str, pretrained: bool) -> torch.nn.Modul
             f"{spec.name}: weights not found locally and the hub is unreachable (wanted hub id {source}); "
             f"download it elsewhere with 'huggingface-cli download {source}' and copy the cache, or pass --weights FOLDER") from None
     except Exception as exc:  # corrupt safetensors, unknown model types, bad configs
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise EmbedkitError(f"{source}: its transformers weights or config cannot be read ({type(exc).__name__}: {first})") from None
+        raise EmbedkitError(f"{source}: its transformers weights or config cannot be read ({first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars_on:
+            hf_logging.enable_progress_bar()
     check_keys(source, info["missing_keys"], info["unexpected_keys"], len(model.state_dict()),
                info.get("mismatched_keys", ()))
     return model

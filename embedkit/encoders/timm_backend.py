@@ -8,7 +8,7 @@ import torch
 
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
-from .checkpoints import load_checked, read_state_dict
+from .checkpoints import first_line, load_checked, read_state_dict
 
 
 def timm_spec(name: str) -> EncoderSpec:
@@ -67,7 +67,7 @@ def _create(arch: str, size: int, hub: bool, num_classes: int) -> torch.nn.Modul
         except RuntimeError as exc:
             if hub and "state_dict" in str(exc):
                 raise EmbedkitError(f"{arch}: the cached hub weights do not fit the architecture "
-                                    f"({str(exc).splitlines()[0][:200]}); delete the cache entry and download again") from None
+                                    f"({first_line(exc)}); delete the cache entry and download again") from None
             raise
         except Exception as exc:  # hub errors come in many types
             if not hub:
@@ -91,8 +91,7 @@ def _filtered(arch: str, state: dict[str, torch.Tensor], model: torch.nn.Module,
     try:
         return filter_fn(state, model)
     except Exception as exc:  # the filters assume the layout they were written for
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise EmbedkitError(f"weights {source}: not a checkpoint of {arch} ({type(exc).__name__}: {first})") from None
+        raise EmbedkitError(f"weights {source}: not a checkpoint of {arch} ({first_line(exc)})") from None
 
 
 def build_timm(spec: EncoderSpec, weights: str | None, pooling: str | None, image_size: int | None,

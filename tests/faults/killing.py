@@ -185,16 +185,22 @@ def make_fields(root: Path, n: int = 12, size: int = 128) -> Path:
 EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", "3", "--quiet"]
 
 
-def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> KillReport:
-    """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` chunk counts."""
-    store = work / "killed.h5"
-    n_chunks = -(-sum(1 for _ in cells.rglob("*.png")) // 3)
-    points = kill_points(seed, kills, 1, n_chunks - 1, integer=True)
-    report = run_with_kills(["embed", cells, "--store", store, *EMBED_ARGS], work, chunk_count(Path(f"{store}.partial")),
+def _kill_journalled(command: str, source: Path, out_flag: str, args: list[str], ref: Path, store: Path, n_units: int,
+                     work: Path, kills: int, seed: int) -> KillReport:
+    """Run a journalled stage into ``store`` killed at ``kills`` chunk counts below ``n_units``; compare with ``ref``."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    points = kill_points(seed, kills, 1, n_units - 1, integer=True)
+    report = run_with_kills([command, source, out_flag, store, *args], work, chunk_count(Path(f"{store}.partial")),
                             points, store)
     report.differences = differing(h5_digest(ref), h5_digest(store))
-    report.leftovers = leftovers(work)
+    report.leftovers = leftovers(store.parent)
     return report
+
+
+def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> KillReport:
+    """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` chunk counts."""
+    n_chunks = -(-sum(1 for _ in cells.rglob("*.png")) // 3)
+    return _kill_journalled("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", n_chunks, work, kills, seed)
 
 
 def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
@@ -205,36 +211,24 @@ def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
     args = ["--backend", "watershed", "--quiet"]
     ref, store = work / "ref" / "cells.h5", work / "killed" / "cells.h5"
     ref.parent.mkdir(parents=True)
-    store.parent.mkdir(parents=True)
     cli(["segment", fields, "--out", ref, *args], work, check=True)
-    n = sum(1 for _ in fields.glob("*.tif"))
-    points = kill_points(seed, kills, 1, n - 1, integer=True)
-    report = run_with_kills(["segment", fields, "--out", store, *args], work, chunk_count(Path(f"{store}.partial")),
-                            points, store)
-    report.differences = differing(h5_digest(ref), h5_digest(store))
+    report = _kill_journalled("segment", fields, "--out", args, ref, store, len(list(fields.glob("*.tif"))), work, kills, seed)
     labels_ref = sorted(p.relative_to(ref.parent) for p in ref.parent.rglob("*.tif"))
     labels_out = sorted(p.relative_to(store.parent) for p in store.parent.rglob("*.tif"))
     if not labels_ref or labels_ref != labels_out:
         report.differences.append("label TIFF names")
     report.differences += [str(r) for r in labels_ref if r in labels_out and not np.array_equal(
         tifffile.imread(ref.parent / r), tifffile.imread(store.parent / r))]
-    report.leftovers = leftovers(store.parent)
     return report
 
 
 def kill_patches(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
     """Sliding-window patches of ``fields`` (simple filter), killed at ``kills`` journal chunk counts."""
     args = ["--size", "32", "--stride", "32", "--quiet"]
-    ref, store = work / "ref.h5", work / "killed" / "patches.h5"
-    store.parent.mkdir(parents=True)
+    ref = work / "ref.h5"
     cli(["patches", fields, "--out", ref, *args], work, check=True)
-    n = sum(1 for _ in fields.glob("*.tif"))
-    points = kill_points(seed, kills, 1, n - 1, integer=True)
-    report = run_with_kills(["patches", fields, "--out", store, *args], work, chunk_count(Path(f"{store}.partial")),
-                            points, store)
-    report.differences = differing(h5_digest(ref), h5_digest(store))
-    report.leftovers = leftovers(store.parent)
-    return report
+    return _kill_journalled("patches", fields, "--out", args, ref, work / "killed" / "patches.h5",
+                            len(list(fields.glob("*.tif"))), work, kills, seed)
 
 
 def kill_finetune(cells: Path, work: Path, kills: int, seed: int) -> KillReport:
