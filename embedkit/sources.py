@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import EmbedkitError
-from .images import is_image_file
+from .images import IMAGE_SUFFIXES, is_image_file
 
 #: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
 GROUP_PRESETS: dict[str, str] = {
@@ -201,6 +201,10 @@ def _from_files(paths: Iterable[Path], group_by: str | None) -> Source:
     for p in paths:
         if not p.is_file():
             raise EmbedkitError(f"{p}: no such file")
+        if p.suffix.lower() in (".h5", ".hdf5"):
+            raise EmbedkitError(f"{p}: not a readable embedkit store (HDF5)")
+        if not is_image_file(p):
+            raise EmbedkitError(f"{p}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a CSV manifest")
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     items = [Item(id=p.relative_to(root).as_posix(), path=p.relative_to(root).as_posix()) for p in paths]
     _apply_groups(items, group_by)

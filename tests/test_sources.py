@@ -94,3 +94,12 @@ def test_read_csv_rows_for_other_tables(tmp_path):
     assert cols == ["id", "population"] and rows == [(3, {"id": "a", "population": "p1"}), (4, {"id": "b", "population": ""})]
     with pytest.raises(EmbedkitError, match="a populations file needs 'id' and 'group' columns"):
         read_csv_rows(tmp_path / "pops.csv", ("id", "group"), what="populations file")
+
+
+def test_a_single_file_must_be_an_image_a_manifest_or_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "text.h5").write_text("not HDF5")
+    with pytest.raises(EmbedkitError, match=r"notes.txt: neither an image \(.png"):
+        discover(tmp_path / "notes.txt")
+    with pytest.raises(EmbedkitError, match="text.h5: not a readable embedkit store"):
+        discover([tmp_path / "text.h5"])
