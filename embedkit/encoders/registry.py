@@ -109,6 +109,9 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
             raise EmbedkitError(f"--pooling applies to ViT encoders; {name} is a CNN and is average-pooled")
     if weights is not None and not os.path.exists(weights):
         raise EmbedkitError(f"--weights {weights}: no such file or folder")
+    if weights is not None and os.path.isdir(weights) and not os.listdir(weights):
+        raise EmbedkitError(f"--weights {weights}: the folder is empty; pass a checkpoint file (.pth or .safetensors), "
+                            f"or for a transformers encoder a folder holding config.json and model.safetensors")
     if spec.backend == "hf":
         from .hf_backend import build_hf
 
