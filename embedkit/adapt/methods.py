@@ -75,8 +75,9 @@ class DINO(nn.Module):
         self.criterion = DINOLoss(cfg.out_dim, warmup_teacher_temp=cfg.teacher_temp, teacher_temp=cfg.teacher_temp,
                                   student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
 
-    def trainable(self) -> list[nn.Module]:
-        return [self.student, self.student_head]
+    def trainable(self) -> tuple[nn.Module, nn.Module]:
+        """(backbone, head): the modules the optimiser trains."""
+        return self.student, self.student_head
 
     def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
         with torch.no_grad():
@@ -116,8 +117,9 @@ class SimCLR(nn.Module):
         self.head = SimCLRProjectionHead(self.backbone.dim, cfg.hidden_dim, cfg.proj_dim)
         self.criterion = NTXentLoss(temperature=cfg.temperature)
 
-    def trainable(self) -> list[nn.Module]:
-        return [self.backbone, self.head]
+    def trainable(self) -> tuple[nn.Module, nn.Module]:
+        """(backbone, head): the modules the optimiser trains."""
+        return self.backbone, self.head
 
     def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
         z0, z1 = (self.head(self.backbone(v)).float() for v in views[:2])

@@ -46,6 +46,7 @@ class AdaptConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-4
+    head_lr_scale: float = 10.0  # the new projection head starts from random weights and learns faster
     weight_decay: float = 0.04
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -59,8 +60,8 @@ class AdaptConfig:
     def check(self) -> None:
         if self.epochs < 1:
             raise EmbedkitError("--epochs must be at least 1")
-        if self.lr <= 0:
-            raise EmbedkitError("--lr must be positive")
+        if self.lr <= 0 or self.head_lr_scale <= 0:
+            raise EmbedkitError("--lr and --head-lr-scale must be positive")
         if self.batch_size < 2:
             raise EmbedkitError("--batch-size must be at least 2 (views are contrasted within a batch)")
 
@@ -145,10 +146,11 @@ def adapt(source: str | os.PathLike, out: str | os.PathLike, encoder: str, *, cf
                            fit_seconds=saved.get("fit_seconds", 0.0))
 
     dev = resolve_device(device)
-    del base
+    spare = [base]
 
     def make_encoder():
-        return create_encoder(encoder, weights=weights, pooling=pooling, image_size=size)
+        """The encoder built above first (no second load), then fresh copies (the DINO teacher)."""
+        return spare.pop() if spare else create_encoder(encoder, weights=weights, pooling=pooling, image_size=size)
 
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method, make_encoder, method_cfg)
@@ -183,11 +185,13 @@ def _excluded_note(data: Unlabelled) -> str:
 
 
 def _optimizer(method, cfg: AdaptConfig) -> torch.optim.Optimizer:
-    params = [(n, p) for m in method.trainable() for n, p in m.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim > 1]
-    no_decay = [p for n, p in params if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    """AdamW: no weight decay on biases and norms; the head's learning rate scaled by ``head_lr_scale``."""
+    groups = []
+    for module, scale in zip(method.trainable(), (1.0, cfg.head_lr_scale)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def _train(method, data: Unlabelled, views: ViewConfig, conv: Conversion, out: Path, identity: str, settings: dict,
@@ -234,7 +238,7 @@ def _train(method, data: Unlabelled, views: ViewConfig, conv: Conversion, out: P
             raise_bad(bad)
             global_step = epoch * steps + step
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(global_step, total, warmup, cfg.min_lr_ratio)
+                g["lr"] = cfg.lr * g["lr_scale"] * lr_factor(global_step, total, warmup, cfg.min_lr_ratio)
             xs = [x.to(dev, non_blocking=True) for x in xs]
             with autocast(dev, cfg.amp):
                 loss = method.loss(xs, epoch)

@@ -24,6 +24,8 @@ import click
 @click.option("--pooling", type=click.Choice(["cls", "mean", "cls+mean"]), help="ViT pooling that is trained and kept.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak AdamW learning rate (after warm-up).")
+@click.option("--head-lr-scale", default=10.0, show_default=True, type=float,
+              help="Learning-rate multiplier of the new projection head (the encoder gets --lr).")
 @click.option("--weight-decay", default=0.04, show_default=True, type=float)
 @click.option("--warmup-epochs", default=1.0, show_default=True, type=float, help="Linear warm-up, then cosine decay.")
 @click.option("--samples-per-epoch", type=click.IntRange(2), help="Images per epoch [default: all cells once].")
@@ -40,7 +42,7 @@ import click
 @click.option("--restart", is_flag=True, help="Discard an interrupted or finished run in --out and start again.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 def adapt(source, encoder, method, out, epochs, splits_file, exclude, fold, image_size, weights, pooling, batch_size, lr,
-          weight_decay, warmup_epochs, samples_per_epoch, local_crops, teacher_momentum, temperature, channels,
+          head_lr_scale, weight_decay, warmup_epochs, samples_per_epoch, local_crops, teacher_momentum, temperature, channels,
           percentiles, seed, device, no_amp, workers, restart, quiet):
     """Continue self-supervised training of an encoder on your own unlabelled cells.
 
@@ -63,8 +65,9 @@ def adapt(source, encoder, method, out, epochs, splits_file, exclude, fold, imag
     from ..images import Conversion, parse_channels, parse_percentiles
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
-    cfg = AdaptConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup_epochs=warmup_epochs, samples_per_epoch=samples_per_epoch, seed=seed, amp=not no_amp)
+    cfg = AdaptConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
+                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, samples_per_epoch=samples_per_epoch,
+                      seed=seed, amp=not no_amp)
     mcfg = MethodConfig(teacher_momentum=teacher_momentum, temperature=temperature)
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     res = run_adapt(source, out, encoder, cfg=cfg, views=ViewConfig(n_local=local_crops), method_cfg=mcfg,
