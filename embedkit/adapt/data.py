@@ -13,29 +13,27 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import EmbedkitError
+from ..finetune.data import Items
 from ..splits import PARTS, Splits
 from ..store import fingerprint
 
 
 @dataclass
 class Unlabelled:
-    """The cells to adapt on and where their pixels are (files, or rows of a store's /pixels)."""
+    """The cells to adapt on: rows of a source's items (files, or a store's /pixels), never their labels."""
 
-    ids: list[str]
-    paths: list[str]
-    store_path: str | None
-    store_rows: list[int] | None
-    kind: str
+    items: Items
+    rows: np.ndarray
     excluded: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(self.items.ids[r]) for r in self.rows]
 
     @property
     def fingerprint(self) -> str:
         """Hash of the item ids trained on (sorted): the same cells give the same fingerprint."""
         return fingerprint(sorted(self.ids))
-
-    @property
-    def entries(self) -> list[tuple[str, str]]:
-        return list(zip(self.ids, self.paths))
 
 
 def excluded_ids(splits_file: str | os.PathLike, parts: Sequence[str], fold: int | None) -> tuple[set[str], dict]:
@@ -80,5 +78,4 @@ def select_items(source: str | os.PathLike, splits_file: str | os.PathLike | Non
     check_files(items, rows)
     if len(rows) < 2:
         raise EmbedkitError(f"{source}: only {len(rows)} item(s) left to adapt on; self-supervised training needs many cells")
-    return Unlabelled([str(items.ids[r]) for r in rows], [str(items.paths[r]) for r in rows], items.store_path,
-                      [int(r) for r in rows] if items.store_path else None, items.kind, excluded)
+    return Unlabelled(items, rows, excluded)

@@ -155,7 +155,7 @@ def adapt(source: str | os.PathLike, out: str | os.PathLike, encoder: str, *, cf
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method, make_encoder, method_cfg)
     log(f"adapting {encoder} ({method.adapted().weights_source}) by {cfg.method} on {len(data.ids)} cells from "
-        f"{data.kind}{_excluded_note(data)}; {size}px, {cfg.epochs} epochs, on {dev}")
+        f"{data.items.kind}{_excluded_note(data)}; {size}px, {cfg.epochs} epochs, on {dev}")
     history, start, fit = _train(method, data, views, conv, out, identity, settings, cfg, dev, workers, progress, log)
 
     adapted = method.adapted()
@@ -163,7 +163,7 @@ def adapt(source: str | os.PathLike, out: str | os.PathLike, encoder: str, *, cf
               "base_weights_fingerprint": settings["base_weights_fingerprint"], "method": cfg.method,
               "kept_network": method.kept, "epochs": cfg.epochs, "final_loss": history[-1]["loss"],
               "data": {"fingerprint": data.fingerprint, "n_items": len(data.ids), "source": os.path.abspath(source),
-                       "items_from": data.kind, "excluded": data.excluded, "labels_used": False},
+                       "items_from": data.items.kind, "excluded": data.excluded, "labels_used": False},
               "preprocess": adapted.preprocess.to_dict(), "pooling": adapted.pooling, "dim": adapted.dim,
               "conversion": conv.to_dict(), "train": cfg.to_dict(), "method_config": method_cfg.to_dict(),
               "views": views.to_dict(), "fit_seconds": fit, "device": str(dev), "identity": identity,
@@ -208,8 +208,7 @@ def _train(method, data: Unlabelled, views: ViewConfig, conv: Conversion, out: P
     method.to(dev)
     opt = _optimizer(method, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    ds = ViewDataset(data.entries, MicroscopyViews(views, method.adapted().preprocess), conv, cfg.seed,
-                     data.store_path, data.store_rows)
+    ds = ViewDataset(data.items, data.rows, MicroscopyViews(views, method.adapted().preprocess), conv, cfg.seed)
     sampler = BalancedSampler(np.zeros(len(ds), dtype=np.int64), "none", cfg.seed, cfg.samples_per_epoch)
     batch = min(cfg.batch_size, len(sampler))
     steps = len(sampler) // batch

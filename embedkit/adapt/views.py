@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..embed import ImageDataset, to_tensor
+from ..embed import to_tensor
 from ..encoders import Preprocess
 from ..errors import BadImageError
-from ..finetune.data import Augment
+from ..finetune.data import Augment, CellDataset, Items
+from ..images import Conversion
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,16 @@ class MicroscopyViews:
                 + [self._one(rgb, c.local_scale, self.local_pre, rng) for _ in range(c.n_local)])
 
 
-class ViewDataset(ImageDataset):
+class ViewDataset(CellDataset):
     """Unlabelled images turned into views; the views of a draw depend only on (seed, epoch, draw).
 
     Keys are ``(index, draw)`` pairs from the sampler, so a resumed epoch draws exactly the same views.
     Unreadable images come back as ``None`` with the reason, so the main process raises one clear error.
     """
 
-    def __init__(self, entries: list[tuple[str, str]], views: MicroscopyViews, conv, seed: int = 0,
-                 store_path: str | None = None, store_rows: list[int] | None = None):
-        super().__init__(entries, views.global_pre, conv, store_path, store_rows)
+    def __init__(self, items: Items, rows: np.ndarray, views: MicroscopyViews, conv: Conversion, seed: int = 0):
+        super().__init__(items, rows, np.zeros(len(rows), dtype=np.int64), views.global_pre, conv, None, seed)
         self.views = views
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, draw = key if isinstance(key, tuple) else (key, key)
