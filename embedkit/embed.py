@@ -212,7 +212,9 @@ def _prepare_items(source: Source, store_path: str, skip_bad: bool) -> None:
     else:
         new = list(source.items)
     if not skip_bad:
-        missing = [it for it in new if not os.path.exists(source.abspath(it))]
+        from .formats import exists  # item paths may be locators such as movie.ome.tiff::t=3
+
+        missing = [it for it in new if not exists(source.abspath(it))]
         if missing:
             raise BadImageError(source.abspath(missing[0]), f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                 f"fix the source or pass --skip-bad to skip and list them")

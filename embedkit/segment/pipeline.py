@@ -88,7 +88,7 @@ def fail_or_record(path: str, reason: str, skip_bad: bool, failed: list[tuple[st
 
 def _pixel_size(item: Item, default: float | None) -> float | None:
     raw = item.meta.get("pixel_size", "")
-    if raw:
+    if raw and raw != "unknown":  # microscopy files record 'unknown' when their metadata has no pixel size
         try:
             return float(raw)
         except ValueError:
