@@ -34,9 +34,7 @@ class Selection:
 
 
 def _planes(info: FileInfo, sel: Selection, path: str) -> list[int | None]:
-    if info.t <= 1:
-        if sel.t is not None and any(t > 0 for t in sel.t):
-            raise BadImageError(path, f"has 1 time point but --t asks for frame {max(sel.t)}")
+    if info.t <= 1:  # --t picks frames of time series; still images pass through
         return [None]
     frames = list(range(info.t)) if sel.t is None else list(sel.t)
     bad = [t for t in frames if t >= info.t]

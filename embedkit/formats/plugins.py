@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -92,8 +93,20 @@ def _open(path: str, mtime: float):
         from bioio import BioImage
     except ImportError:
         raise BadImageError(path, f"is a {plugin.kind} file, which needs bioio: pip install bioio {plugin.package}") from None
+    log = logging.getLogger("bioio")
+    level = log.level
+    log.setLevel(logging.ERROR)  # bioio also logs each failed attempt; the error below says it once
     try:
         return BioImage(path, reader=reader)
     except Exception as exc:  # plugins raise many types; all mean "this file cannot be read by it"
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise BadImageError(path, f"not a readable {plugin.kind} file ({plugin.package}: {msg})") from None
+        raise BadImageError(path, f"not a readable {plugin.kind} file ({plugin.package}: {_reason(exc, path)})") from None
+    finally:
+        log.setLevel(level)
+
+
+def _reason(exc: Exception, path: str) -> str:
+    """The plugin's own reason from bioio's error (its last 'Reader: ...' line), shortened to one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    attempts = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("- ")]
+    text = (attempts[-1] if attempts else lines[-1] if lines else type(exc).__name__).replace(f"'{path}'", "it")
+    return text.replace(os.path.abspath(path), "it")[:200]

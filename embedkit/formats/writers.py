@@ -36,7 +36,8 @@ def _writer(path, shape, dtype, channel_names, pixel_size, chunks):
     scale = [1.0, 1.0, 1.0, pixel_size, pixel_size] if pixel_size else None
     units = [None, None, "micrometer", "micrometer", "micrometer"] if pixel_size else None
     return OMEZarrWriter(str(path), level_shapes=tuple(shape), dtype=dtype, zarr_format=2, channels=channels,
-                         physical_pixel_size=scale, axes_units=units, chunk_shape=(1, 1, 1) + tuple(chunks))
+                         physical_pixel_size=scale, axes_units=units,
+                         chunk_shape=(1, 1, 1) + tuple(min(k, n) for k, n in zip(chunks, shape[3:])))
 
 
 def ome_zarr_array(path: str | os.PathLike, shape: tuple[int, ...], dtype, channel_names: Sequence[str] | None = None,

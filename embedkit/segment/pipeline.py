@@ -24,6 +24,8 @@ from . import outputs, storeio
 from .backends import Segmenter
 from .crops import CropParams, crop_cells
 from .fields import load_field
+from ..formats.lazy import is_large_field, large_labels_path
+from ..formats.tiled import segment_large_field
 
 JOURNAL_KEY = "segment"
 
@@ -143,6 +145,14 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
                skip_bad: bool, failed: list) -> int:
     """Load, segment and crop one field, then journal it; returns the number of objects segmented."""
     path = source.abspath(item)
+    if is_large_field(path):  # read and segment tile by tile with bounded memory (embedkit.formats.tiled)
+        try:
+            cells = segment_large_field(path, segmenter, crop, conv=conv, seg_channels=seg_channels, progress=False,
+                                        pixel_size=_pixel_size(item, pixel_size), labels_path=large_labels_path(labels_dir, item.id))
+        except BadImageError as exc:
+            fail_or_record(path, exc.reason, skip_bad, failed)
+            return 0
+        return _journal_cells(journal, item, k, cells)
     try:
         fld = load_field(path, conv, seg_channels)
     except BadImageError as exc:
@@ -162,6 +172,10 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
     outputs.save_labels(labels_dir, item.id, labels)
     if overlay_dir:
         outputs.save_overlay(overlay_dir, item.id, rgb, labels, cells.cells.mask_id)
+    return _journal_cells(journal, item, k, cells)
+
+
+def _journal_cells(journal: st.Journal, item: Item, k: int, cells) -> int:
     c = cells.cells
     journal.write_chunk(field=np.array([item.id]), index=np.array([k]), n_found=np.array([cells.n_found]),
                         mask_id=c.mask_id, bbox=c.bbox, centroid=c.centroid, area=c.area, edge=c.edge,
