@@ -192,3 +192,35 @@ def test_cli_segment_plate_cells_keep_their_well(files, tmp_path):
     assert set(frame["well"]) == {"A1", "A2", "B1", "B2"}
     assert (frame["group"] == "P1/" + frame["well"]).all()
     assert frame["id"].str.startswith("plate.ome.zarr/").all()
+
+
+def test_large_field_tiles_keep_each_cell_once(tmp_path, nuclei):
+    """A field segmented tile by tile finds the cells of the whole-field run, none twice, ids as in the label Zarr."""
+    import zarr
+    from scipy.spatial import cKDTree
+
+    from embedkit.formats.tiled import segment_large_field
+    from embedkit.images import to_uint8
+    from embedkit.segment.backends import create_segmenter
+    from embedkit.segment.crops import CropParams, crop_cells
+    from embedkit.segment.fields import load_field
+
+    row = np.concatenate([nuclei, nuclei[:, ::-1]], 1)
+    field = np.concatenate([row, row[::-1]], 0)  # 1024 x 1024 of real nuclei
+    path = writers.write_ome_zarr(tmp_path / "field.ome.zarr", field[None, None, None], ["DAPI"], 0.5, chunks=(256, 256))
+    seg, crop = create_segmenter("watershed", diameter=16), CropParams(size=32)
+    tiled = segment_large_field(path, seg, crop, tile=384, labels_path=str(tmp_path / "labels.zarr"), progress=False)
+    fld = load_field(path)
+    whole = crop_cells(to_uint8(fld.rgb), seg.segment(fld.seg), crop)
+    assert abs(len(tiled.cells) - len(whole.cells)) <= 0.05 * len(whole.cells)
+    dist, _ = cKDTree(tiled.cells.centroid).query(whole.cells.centroid)
+    assert (dist < 1.5).mean() > 0.85
+    self_dist, _ = cKDTree(tiled.cells.centroid).query(tiled.cells.centroid, k=2)
+    assert self_dist[:, 1].min() > 3  # no cell kept by two tiles
+    assert len(np.unique(tiled.cells.mask_id)) == len(tiled.cells)
+    labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:]
+    painted = set(np.unique(labels).tolist()) - {0}
+    assert painted <= set(tiled.cells.mask_id.tolist()) and len(painted) >= 0.99 * len(tiled.cells)
+    y, x = np.rint(tiled.cells.centroid[:50]).astype(int).T
+    assert (labels[y, x] == tiled.cells.mask_id[:50]).mean() > 0.9
+    assert tiled.pixels.shape == (len(tiled.cells), 32, 32, 3) and tiled.pixels.max() > 0

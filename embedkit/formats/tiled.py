@@ -184,7 +184,8 @@ def _write_labels(out, labels: np.ndarray, local_ids: np.ndarray, global_ids: np
     mapped = lut[labels]
     y0, y1, x0, x1 = t.read
     region = out[y0:y1, x0:x1]
-    region[mapped > 0] = mapped[mapped > 0]
+    paint = (mapped > 0) & (region == 0)  # where two tiles' masks overlap, the first owner keeps the pixel
+    region[paint] = mapped[paint]
     out[y0:y1, x0:x1] = region
 
 
