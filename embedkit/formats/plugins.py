@@ -72,7 +72,20 @@ def _reader_class(path: str, plugin: Plugin):
     except ImportError:
         raise BadImageError(path, f"is a {plugin.kind} file, which needs the bioio plugin '{plugin.package}': "
                                   f"pip install {plugin.package} (or pip install 'embedkit[formats]')") from None
-    return mod.Reader
+    return _single_parse(mod.Reader) if plugin is OME_TIFF else mod.Reader
+
+
+@functools.lru_cache(maxsize=None)
+def _single_parse(base: type) -> type:
+    """bioio-ome-tiff's reader without its up-front support check, which parses the OME-XML a second time
+    (half the cost of opening a small file); a file that is not OME-TIFF still fails, when it is parsed."""
+
+    class OmeTiffReader(base):
+        @staticmethod
+        def _is_supported_image(fs, path, clean_metadata: bool = True, **kwargs) -> bool:
+            return True
+
+    return OmeTiffReader
 
 
 def open_image(path: str | os.PathLike):
@@ -93,15 +106,17 @@ def _open(path: str, mtime: float):
         from bioio import BioImage
     except ImportError:
         raise BadImageError(path, f"is a {plugin.kind} file, which needs bioio: pip install bioio {plugin.package}") from None
-    log = logging.getLogger("bioio")
-    level = log.level
-    log.setLevel(logging.ERROR)  # bioio also logs each failed attempt; the error below says it once
+    logs = [logging.getLogger(name) for name in ("bioio", "tifffile")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)  # they also log each failed attempt; the error below says it once
     try:
         return BioImage(path, reader=reader)
     except Exception as exc:  # plugins raise many types; all mean "this file cannot be read by it"
         raise BadImageError(path, f"not a readable {plugin.kind} file ({plugin.package}: {_reason(exc, path)})") from None
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def _reason(exc: Exception, path: str) -> str:

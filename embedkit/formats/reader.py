@@ -115,7 +115,7 @@ def read_plane(loc: Locator | str, region: tuple[int, int, int, int] | None = No
         arr = arr[:, :, y0:y1, x0:x1]
     try:
         z = dims.z_index(loc.z, arr.shape[0], path)
-        plane = np.asarray((arr.max(axis=0) if z is None else arr[z]).compute())
+        plane = np.asarray((arr.max(axis=0) if z is None else arr[z]).compute(scheduler="synchronous"))
     except BadImageError:
         raise
     except Exception as exc:  # decoding errors surface only when pixels are computed
