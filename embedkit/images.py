@@ -21,7 +21,9 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has an image suffix embedkit can read."""
-    return str(path).lower().endswith(IMAGE_SUFFIXES)
+    from .formats import SUFFIXES  # microscopy formats read through bioio (embedkit.formats)
+
+    return str(path).lower().endswith(IMAGE_SUFFIXES + SUFFIXES)
 
 
 #: Largest image read whole, in pixels (height x width x planes): a 20,000 x 20,000 field would need
@@ -60,6 +62,10 @@ def read_image(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
     Its size is checked from the file header against ``limit`` (default :func:`max_pixels`) before any
     pixel is decoded.
     """
+    from . import formats
+
+    if formats.handles(path):  # OME-TIFF, OME-Zarr, CZI, ND2, LIF and item locators go through bioio
+        return formats.read_raw(path)
     path = Path(path)
     if not path.exists():
         raise BadImageError(str(path), "file not found")
@@ -151,8 +157,8 @@ class Conversion:
                    rescale_8bit=bool(d.get("rescale_8bit", False)))
 
 
-def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None] | None:
-    """Parse a channel map such as '0', '2,1,0' or '1,0,-' (R,G,B source channels; '-' leaves one black)."""
+def parse_channels(spec: str | None) -> tuple[int | str | None, int | str | None, int | str | None] | None:
+    """Parse a channel map such as '0', '2,1,0', '1,0,-' or 'DAPI,Phalloidin,-' (R,G,B sources; '-' leaves one black)."""
     if spec is None or str(spec).strip() == "":
         return None
     parts = [p.strip() for p in str(spec).split(",")]
@@ -166,8 +172,10 @@ def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None
             out.append(None)
         elif p.isdigit():
             out.append(int(p))
+        elif p.isprintable() and p[0].isalpha():
+            out.append(p)  # a channel name, resolved per file from its metadata (embedkit.formats)
         else:
-            raise EmbedkitError(f"--channels {spec!r}: {p!r} is not a channel index or '-'")
+            raise EmbedkitError(f"--channels {spec!r}: {p!r} is not a channel index, a channel name or '-'")
     if all(c is None for c in out):
         raise EmbedkitError(f"--channels {spec!r} maps no channel at all")
     return out[0], out[1], out[2]
@@ -203,6 +211,10 @@ def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image"
     if arr.ndim != 3:
         arr = _to_hwc(arr, path)
     c = arr.shape[2]
+    if conv.channels is not None and any(isinstance(i, str) for i in conv.channels):
+        from .formats import resolve_channel_names
+
+        conv = Conversion(resolve_channel_names(conv.channels, path), conv.percentiles, conv.rescale_8bit)
     if conv.channels is not None:
         bad = [i for i in conv.channels if i is not None and i >= c]
         if bad:

@@ -79,7 +79,11 @@ def _apply_groups(items: list[Item], group_by: str | None, columns: Sequence[str
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    from .formats import zarr_root  # an OME-Zarr folder is one image (embedkit.formats)
+
+    files = [p for p in folder.rglob("*") if not p.name.startswith(".") and is_image_file(p)
+             and (p.is_file() or p.suffix.lower() == ".zarr") and zarr_root(p.relative_to(folder).parent) is None]
+    return sorted(files)
 
 
 def from_class_folders(root: Path) -> list[Item]:
@@ -171,7 +175,7 @@ def discover(source: str | os.PathLike | Sequence[str | os.PathLike], group_by: 
         items, cols = from_manifest(src)
         _apply_groups(items, group_by, cols)
         return _checked(Source(root=str(src.parent.resolve()), items=items, kind="manifest"))
-    if src.is_file():
+    if src.is_file() or src.suffix.lower() == ".zarr":
         return _from_files([src], group_by)
     has_class_dirs = any(p.is_dir() and not p.name.startswith(".") and _image_files(p) for p in src.iterdir())
     if has_class_dirs:
@@ -189,7 +193,7 @@ def discover(source: str | os.PathLike | Sequence[str | os.PathLike], group_by: 
 def _from_files(paths: Iterable[Path], group_by: str | None) -> Source:
     paths = [p.resolve() for p in paths]
     for p in paths:
-        if not p.is_file():
+        if not (p.is_file() or (p.is_dir() and p.suffix.lower() == ".zarr")):
             raise EmbedkitError(f"{p}: no such file")
         if p.suffix.lower() in (".h5", ".hdf5"):
             raise EmbedkitError(f"{p}: not a readable embedkit store (HDF5)")

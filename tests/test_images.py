@@ -93,7 +93,8 @@ def test_channel_and_percentile_specs():
     assert parse_channels("0") == (0, 0, 0)
     assert parse_channels("2,1,-") == (2, 1, None)
     assert parse_channels(None) is None
-    for bad in ("a,b,c", "1,2", "-,-,-"):
+    assert parse_channels("DAPI,Actin,-") == ("DAPI", "Actin", None)  # names, resolved per file (docs/formats.md)
+    for bad in ("1,%,0", "1,2", "-,-,-"):
         with pytest.raises(EmbedkitError):
             parse_channels(bad)
     assert parse_percentiles("0.5,99.5") == (0.5, 99.5)
