@@ -135,7 +135,7 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
         except BadImageError as exc:
             fail_or_record(path, exc.reason, skip_bad, failed)
             return 0
-        return _journal_cells(journal, item, k, cells)
+        return _shard_cells(shards, item, k, cells)
     try:
         fld = load_field(path, conv, seg_channels)
     except BadImageError as exc:
@@ -155,10 +155,11 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
     outputs.save_labels(labels_dir, item.id, labels)
     if overlay_dir:
         outputs.save_overlay(overlay_dir, item.id, rgb, labels, cells.cells.mask_id)
-    return _journal_cells(journal, item, k, cells)
+    return _shard_cells(shards, item, k, cells)
 
 
-def _journal_cells(journal: st.Journal, item: Item, k: int, cells) -> int:
+def _shard_cells(shards: storeio.FieldShards, item: Item, k: int, cells) -> int:
+    """Hand one field's crops and their columns to the run's shards; returns the number of objects found."""
     c = cells.cells
     shards.add(k, item.id, {"n_found": int(cells.n_found)},
                {"mask_id": c.mask_id, "bbox": c.bbox, "centroid": c.centroid, "area": c.area, "edge": c.edge,
