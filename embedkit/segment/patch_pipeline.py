@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..formats.lazy import is_large_field
+from ..formats.tiled_patches import large_field_patches
 from .. import store as st
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
@@ -179,6 +181,15 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
                paired: PairedChannel | None, journal: st.Journal, device: str, batch_size: int, skip_bad: bool,
                failed: list) -> None:
     path = source.abspath(item)
+    if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
+        try:
+            got = large_field_patches(path, size, stride, conv=conv, filt=filt, paired=paired, device=device,
+                                      batch_size=batch_size)
+        except BadImageError as exc:
+            fail_or_record(exc.path, exc.reason, skip_bad, failed)
+            return
+        journal.write_chunk(field=np.array([item.id]), index=np.array([k]), **got)
+        return
     try:
         fld = load_field(path, conv)
         plane = paired.plane(source, item, fld.raw) if paired is not None else None
