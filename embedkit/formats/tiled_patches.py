@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import BadImageError
 from ..images import Conversion
-from ..segment.filters import LearnedFilter, SimpleFilter
+from ..segment.filters import SimpleFilter, decide
 from ..segment.patches import cut_patches, patch_offsets
 from .lazy import LazyField
 from .tiled import DEFAULT_TILE, channel_sources, field_scaling
@@ -33,7 +33,6 @@ def large_field_patches(locator: str, size: int, stride: int, *, conv: Conversio
     scaling = field_scaling(field, conv, channel_sources(conv, field.channels, locator))
     background = float(np.median(SimpleFilter.gray(np.stack([_u8(scaling.apply(s)) for s in field.sample()]))))
     offsets = patch_offsets((h, w), size, stride)
-    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
     parts = []
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):
@@ -44,15 +43,7 @@ def large_field_patches(locator: str, size: int, stride: int, *, conv: Conversio
             y1, x1 = int(off[:, 0].max()) + size, int(off[:, 1].max()) + size
             rgb = _u8(scaling.apply(field.region(y0, y1, x0, x1)))
             patches = cut_patches(rgb, off - np.array([y0, x0], np.int32), size)
-            fg, sd = simple.measure(patches, background)
-            score = np.full(len(patches), np.nan, np.float32)
-            if isinstance(filt, SimpleFilter):
-                keep = filt.keep(patches, background)
-            elif isinstance(filt, LearnedFilter):
-                score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
-                keep = score > 0
-            else:
-                keep = np.ones(len(patches), bool)
+            fg, sd, score, keep = decide(filt, patches, background, device, batch_size)
             parts.append((off[keep], patches[keep], fg[keep], sd[keep], score[keep]))
     cat = [np.concatenate([p[i] for p in parts]) if parts else None for i in range(5)]
     n = 0 if cat[0] is None else len(cat[0])

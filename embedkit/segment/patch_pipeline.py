@@ -23,7 +23,7 @@ from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
 from .fields import load_field
-from .filters import LearnedFilter, SimpleFilter
+from .filters import LearnedFilter, SimpleFilter, decide
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
 from .pipeline import fail_or_record, journalled, open_journal, sidecar
@@ -199,17 +199,8 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)
-    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
     background = float(np.median(SimpleFilter.gray(rgb[None])[0]))
-    fg, sd = simple.measure(patches, background)
-    score = np.full(len(patches), np.nan, np.float32)
-    if isinstance(filt, SimpleFilter):
-        keep = filt.keep(patches, background)
-    elif isinstance(filt, LearnedFilter):
-        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
-        keep = score > 0
-    else:
-        keep = np.ones(len(patches), bool)
+    fg, sd, score, keep = decide(filt, patches, background, device, batch_size)
     means = window_means(plane, offsets[keep], size) if plane is not None else np.full(int(keep.sum()), np.nan)
     journal.write_chunk(field=np.array([item.id]), index=np.array([k]), n_windows=np.array([len(patches)]),
                         offset=offsets[keep], pixels=patches[keep], foreground=fg[keep], std=sd[keep],
