@@ -224,3 +224,27 @@ def test_large_field_tiles_keep_each_cell_once(tmp_path, nuclei):
     y, x = np.rint(tiled.cells.centroid[:50]).astype(int).T
     assert (labels[y, x] == tiled.cells.mask_id[:50]).mean() > 0.9
     assert tiled.pixels.shape == (len(tiled.cells), 32, 32, 3) and tiled.pixels.max() > 0
+
+
+def test_large_field_patches_equal_the_whole_field_windows(tmp_path, nuclei):
+    """Tile-by-tile patches of a field: the same windows, pixels and filter decisions as reading it whole."""
+    from embedkit.formats.tiled_patches import large_field_patches
+    from embedkit.images import to_uint8
+    from embedkit.segment.fields import load_field
+    from embedkit.segment.filters import SimpleFilter
+    from embedkit.segment.patches import cut_patches, patch_offsets
+
+    row = np.concatenate([nuclei, nuclei[:, ::-1]], 1)
+    path = writers.write_ome_zarr(tmp_path / "f.ome.zarr", row[None, None, None], ["DAPI"], 0.5, chunks=(256, 256))
+    filt = SimpleFilter(min_foreground=0.05)
+    got = large_field_patches(path, 96, 64, filt=filt, tile=200)
+    rgb = to_uint8(load_field(path).rgb)  # the sample windows cover this small field, so percentiles agree
+    offsets = patch_offsets(rgb.shape[:2], 96, 64)
+    patches = cut_patches(rgb, offsets, 96)
+    keep = filt.keep(patches, float(np.median(SimpleFilter.gray(rgb[None])[0])))
+    assert int(got["n_windows"][0]) == len(offsets) and 0 < keep.sum() < len(offsets)
+    order = np.lexsort((got["offset"][:, 1], got["offset"][:, 0]))
+    np.testing.assert_array_equal(got["offset"][order], offsets[keep])
+    np.testing.assert_array_equal(got["pixels"][order], patches[keep])
+    with pytest.raises(BadImageError, match="paired channel"):
+        large_field_patches(path, 96, 64, paired=object())

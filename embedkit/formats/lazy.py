@@ -8,6 +8,7 @@ come from a regular grid of sample windows instead.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -87,8 +88,6 @@ def tiles(shape: tuple[int, int], tile: int, margin: int) -> Iterator[Tile]:
 
 def large_labels_path(labels_dir: str, field_id: str) -> str:
     """Where the label image of a large field goes: a Zarr array beside the label TIFFs of ordinary fields."""
-    import os
-
     from ..segment.outputs import safe_name
 
     os.makedirs(labels_dir, exist_ok=True)

@@ -17,7 +17,7 @@ def plane_options(pixel_size: bool = True) -> Callable:
     ]
     if pixel_size:
         opts.append(click.option("--pixel-size", "target_pixel_size", type=click.FloatRange(min=0, min_open=True),
-                                 help="Resample every image to this many µm per pixel before embedding (from each file's metadata)."))
+                                 help="Resample every image to this many µm per pixel first, using each file's metadata."))
 
     def wrap(f):
         for o in reversed(opts):

@@ -37,11 +37,8 @@ class FileInfo:
 
     @property
     def pixel_size_text(self) -> str:
-        """µm per pixel as recorded per item: one number (X; Y too when it differs) or 'unknown'."""
-        if self.pixel_size is None:
-            return "unknown"
-        y, x = self.pixel_size
-        return f"{x:g}" if abs(x - y) < 1e-9 else f"{y:g}x{x:g}"
+        """µm per pixel along X as recorded per item (a number, as ``segment`` reads it), or 'unknown'."""
+        return "unknown" if self.pixel_size is None else f"{self.pixel_size[1]:g}"
 
 
 def _scene(im, scene: int | None, path: str):

@@ -213,3 +213,19 @@ def make_filter(name: str, *, min_foreground: float = 0.01, min_std: float = 0.0
     filt = LearnedFilter.fit(examples, create_encoder(encoder), conv, device=device, batch_size=batch_size)
     filt.save(model_dir)
     return filt
+
+
+def decide(filt, patches: np.ndarray, background: float, device: str = "cpu",
+           batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground fraction, std, learned score or NaN, keep) of each patch under ``filt`` (None keeps all)."""
+    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
+    fg, sd = simple.measure(patches, background)
+    score = np.full(len(patches), np.nan, np.float32)
+    if isinstance(filt, SimpleFilter):
+        keep = filt.keep(patches, background)
+    elif isinstance(filt, LearnedFilter):
+        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
+        keep = score > 0
+    else:
+        keep = np.ones(len(patches), bool)
+    return fg, sd, score, keep
