@@ -98,8 +98,10 @@ class ItemSet:
     def from_store(cls, store: "Store", group_by: str | None = None) -> "ItemSet":
         """Every item of a store, in row order; ``group_by`` overrides the stored groups (see :func:`store_groups`)."""
         groups, name = (None, "group") if group_by in (None, "group") else store_groups(store, group_by)
-        return cls(groups=groups, store=store, kind="store pixels" if store.has_pixels else "store files",
-                   group_by=name)
+        pixels = store.has_pixels
+        out = cls(groups=groups, store=store, kind="store pixels" if pixels else "store files", group_by=name)
+        out._has_pixels = pixels and len(out) > 0
+        return out
 
     @classmethod
     def from_source(cls, source: "Source") -> "ItemSet":
