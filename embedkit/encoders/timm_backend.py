@@ -69,7 +69,7 @@ def _create(arch: str, size: int, hub: bool, num_classes: int) -> torch.nn.Modul
                 raise EmbedkitError(f"{arch}: the cached hub weights do not fit the architecture "
                                     f"({first_line(exc)}); delete the cache entry and download again") from None
             raise
-        except Exception as exc:  # hub errors come in many types
+        except Exception:  # hub errors come in many types
             if not hub:
                 raise
             raise WeightsNotFoundError(

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..errors import EmbedkitError, WeightsNotFoundError
+from ..errors import WeightsNotFoundError
 from .base import Encoder, EncoderSpec, file_fingerprint, state_dict_fingerprint
 from .checkpoints import load_checked, read_state_dict
 

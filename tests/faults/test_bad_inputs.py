@@ -4,7 +4,8 @@ and every file already in the working folder left byte for byte as it was (see c
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
 
 import pytest
 
@@ -19,20 +20,20 @@ def _param(case):
 
 
 @pytest.fixture(scope="session")
-def outcomes(request, world, tmp_path_factory) -> dict[str, Outcome]:
-    """Run the selected cases once, two at a time (each is a separate process that mostly waits on imports)."""
-    wanted = {item.callspec.params["case"].id for item in request.session.items
-              if item.originalname == "test_bad_input_is_refused_cleanly" and hasattr(item, "callspec")}
-    cases = [c for c in QUICK if c.id in wanted]
+def outcomes(request, world, tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """Start the selected cases, two at a time and in test order; each test waits only for its own case."""
+    wanted = [item.callspec.params["case"] for item in request.session.items
+              if item.originalname == "test_bad_input_is_refused_cleanly" and hasattr(item, "callspec")]
     root = tmp_path_factory.mktemp("fault_cases")
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        runs = pool.map(lambda ic: run_case(ic[1], world, root / f"case{ic[0]:03d}"), enumerate(cases))
-        return {o.case.id: o for o in runs}
+    pool = ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
+    futures = {case.id: pool.submit(run_case, case, world, root / f"case{n:03d}") for n, case in enumerate(wanted)}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in QUICK])
 def test_bad_input_is_refused_cleanly(case, outcomes):
-    outcome = outcomes[case.id]
+    outcome: Outcome = outcomes[case.id].result()
     assert not outcome.problems(), f"{case.id}: {'; '.join(outcome.problems())}\nstderr:\n{outcome.stderr[-2500:]}"
 
 
