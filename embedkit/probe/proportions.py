@@ -13,7 +13,6 @@ of a population are known, the RMSE of the estimated fractions against them is r
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,30 +182,22 @@ def ensemble_validation_confusion(probes: Sequence[Probe], classes: Sequence[str
 
 
 def read_populations(path: str, ids: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
-    """A UTF-8 CSV with columns id,population (an id may belong to several populations) -> positions into ``ids``.
+    """A CSV with columns id,population (an id may belong to several populations) -> positions into ``ids``.
 
-    A row with more fields than the header (an unquoted comma in a name) is refused, naming its line.
+    Read by :func:`embedkit.sources.read_csv_rows`: a BOM is accepted, other encodings are named, and a row with
+    more fields than the header is refused, naming its line.
     """
+    from ..sources import read_csv_rows
+
     pos_of = {i: p for p, i in enumerate(ids)}
     pops: dict[str, list[int]] = {}
     missing = 0
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in reader.fieldnames or []]
-            if "id" not in cols or "population" not in cols:
-                raise EmbedkitError(f"{path}: a populations file needs 'id' and 'population' columns (found: {', '.join(cols) or 'none'})")
-            for row in reader:
-                if None in row:
-                    raise EmbedkitError(f"{path}:{reader.line_num}: more fields than the header has columns; quote "
-                                        f"names that contain commas")
-                row = {k.strip(): (v or "").strip() for k, v in row.items()}
-                if row["id"] in pos_of:
-                    pops.setdefault(row["population"], []).append(pos_of[row["id"]])
-                else:
-                    missing += 1
-    except UnicodeDecodeError as exc:
-        raise EmbedkitError(f"{path}: not UTF-8 text (byte {exc.start}); save it as a UTF-8 CSV") from None
+    _, rows = read_csv_rows(path, ("id", "population"), what="populations file")
+    for _, row in rows:
+        if row["id"] in pos_of:
+            pops.setdefault(row["population"], []).append(pos_of[row["id"]])
+        else:
+            missing += 1
     notes = [f"{missing} rows of {path} name items without vectors here and are left out"] if missing else []
     if not pops:
         raise EmbedkitError(f"{path}: none of its ids has vectors in this store")

@@ -355,18 +355,11 @@ class Case:
     bad: str
     args: tuple[str, ...]
     quick: bool = True  # in the test suite; the others run in scripts/bench_faults.py only
-    xfail: str = ""  # the branch whose fix this case waits for
 
     @property
     def id(self) -> str:
         return f"{self.command}[{self.bad}]"
 
-
-# Fixes that live on other branches while this table is written (see docs/reliability.md).
-STORE_FIXES = {"string schema_version", "key without config", "store without items", *KEY_CLASSES}
-CLEANUP_FIXES = {"probe.json a list", "probe.json without classes", "garbage model.safetensors", "NaN row"}
-# probe/proportions.py reads its populations CSV itself; sources.read_csv_rows is the shared reader it should use.
-LEAD_FIXES = {"non-UTF-8 populations", "extra-field populations"}
 
 #: Commands from cheapest to dearest to start (no torch, torch, a model to load, a network to train).
 COST = ("info", "index", "export", "leaks", "compare", "view", "segment", "patches", "probe", "predict", "proportions",
@@ -462,9 +455,7 @@ def _table() -> list[Case]:
     for cmd, fam, bad, args in pairs:
         quick = cheapest[bad] == cmd or (cmd, fam) not in first_of_family
         first_of_family.add((cmd, fam))
-        xfail = ("store" if bad in STORE_FIXES else "cleanup" if bad in CLEANUP_FIXES
-                 else "main (proportions.read_populations -> sources.read_csv_rows)" if bad in LEAD_FIXES else "")
-        out.append(Case(cmd, fam, bad, args, quick, xfail))
+        out.append(Case(cmd, fam, bad, args, quick))
     return out
 
 

@@ -15,8 +15,7 @@ QUICK = [c for c in CASES if c.quick]
 
 
 def _param(case):
-    marks = [pytest.mark.xfail(strict=False, reason=f"fixed on branch {case.xfail}")] if case.xfail else []
-    return pytest.param(case, id=case.id, marks=marks)
+    return pytest.param(case, id=case.id)
 
 
 @pytest.fixture(scope="session")
