@@ -7,6 +7,7 @@ import os
 import click
 
 from ..errors import EmbedkitError
+from ..formats.options import expand_source, plane_options
 
 
 @click.command()
@@ -18,7 +19,7 @@ from ..errors import EmbedkitError
 @click.option("--image-size", type=int, help="Input size; ViTs interpolate position embeddings to it.")
 @click.option("--key", help="Embedding key in the store [default: derived from the encoder name].")
 @click.option("--group-by", help="Group rule: a manifest column, a preset (mitocheck, parent, file) or a regex with capture groups.")
-@click.option("--channels", help="Map source channels to RGB, e.g. '0' (gray), '2,1,0', '1,0,-'. Needed for >4 channels.")
+@click.option("--channels", help="Map source channels to RGB, e.g. '0' (gray), '2,1,0', '1,0,-', or by name 'DAPI,Phalloidin,-'. Needed for >4 channels.")
 @click.option("--percentiles", default="1,99.8", show_default=True, help="Robust LOW,HIGH percentiles for 16-bit/float images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
@@ -28,8 +29,9 @@ from ..errors import EmbedkitError
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@plane_options()
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, quiet):
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, quiet, z_rule, t_frames, target_pixel_size):
     """Embed images with a frozen encoder into an HDF5 store.
 
     \b
@@ -54,6 +56,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         src = store_path
     else:
         src = discover(list(source), group_by=group_by)
+        src = expand_source(src, z_rule, t_frames, target_pixel_size, group_by, skip_bad, quiet)
         labelled = sum(bool(it.label) for it in src.items)
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..formats.options import expand_source, plane_options
+
 _FIELDS_HELP = """
     \b
     FIELDS is one of:
@@ -67,9 +69,10 @@ def _refuse_unused_options(backend: str) -> None:
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read or segmented, and list them in a report, instead of stopping.")
 @click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
+@plane_options(pixel_size=False)
 def segment(fields, store_path, backend, model, diameter, channels, seg_channels, percentiles, polarity, flow_threshold,
             cellprob_threshold, min_size, batch_size, device, crop_size, mask, scale_spec, pixel_size, edge, min_area,
-            max_area, group_by, labels_dir, overlays, skip_bad, checkpoint_fields, quiet):
+            max_area, group_by, labels_dir, overlays, skip_bad, checkpoint_fields, quiet, z_rule, t_frames):
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.backends import create_segmenter
     from ..segment.crops import CropParams, ScaleSpec
@@ -83,6 +86,7 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
     crop = CropParams(size=crop_size, mask=mask, scale=ScaleSpec.parse(scale_spec), edge=edge, min_area=min_area, max_area=max_area)
     seg_ch = parse_seg_channels(seg_channels)
     src = discover(list(fields), group_by=group_by)
+    src = expand_source(src, z_rule, t_frames, None, group_by, skip_bad, quiet)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
                    f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
@@ -140,9 +144,11 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
 @click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
+@plane_options()
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
-            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, checkpoint_fields, quiet):
+            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, checkpoint_fields, quiet, z_rule, t_frames,
+            target_pixel_size):
     from ..errors import EmbedkitError
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.filters import LearnedFilter, make_filter
@@ -166,6 +172,7 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
         classes = tuple(thresholds.classes)
 
     src = discover(list(fields), group_by=group_by)
+    src = expand_source(src, z_rule, t_frames, target_pixel_size, group_by, skip_bad, quiet)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
     with write_lock(store_path):  # a second writer is refused before the filter's model loads

@@ -14,13 +14,15 @@ from typing import Iterator
 
 import numpy as np
 
+from ..formats.lazy import is_large_field
+from ..formats.tiled_patches import large_field_patches
 from .. import store as st
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
 from .fields import load_field
-from .filters import LearnedFilter, SimpleFilter
+from .filters import LearnedFilter, SimpleFilter, decide
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
 from .pipeline import fail_or_record, sidecar
@@ -180,6 +182,15 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
                paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
                failed: list) -> None:
     path = source.abspath(item)
+    if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
+        try:
+            got = large_field_patches(path, size, stride, conv=conv, filt=filt, paired=paired, device=device,
+                                      batch_size=batch_size)
+        except BadImageError as exc:
+            fail_or_record(exc.path, exc.reason, skip_bad, failed)
+            return
+        journal.write_chunk(field=np.array([item.id]), index=np.array([k]), **got)
+        return
     try:
         fld = load_field(path, conv)
         plane = paired.plane(source, item, fld.raw) if paired is not None else None
@@ -189,17 +200,8 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)
-    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
     background = float(np.median(SimpleFilter.gray(rgb[None])[0]))
-    fg, sd = simple.measure(patches, background)
-    score = np.full(len(patches), np.nan, np.float32)
-    if isinstance(filt, SimpleFilter):
-        keep = filt.keep(patches, background)
-    elif isinstance(filt, LearnedFilter):
-        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
-        keep = score > 0
-    else:
-        keep = np.ones(len(patches), bool)
+    fg, sd, score, keep = decide(filt, patches, background, device, batch_size)
     means = window_means(plane, offsets[keep], size) if plane is not None else np.full(int(keep.sum()), np.nan)
     shards.add(k, item.id, {"n_windows": len(patches)},
                {"offset": offsets[keep], "foreground": fg[keep], "std": sd[keep], "filter_score": score[keep],

@@ -24,6 +24,8 @@ from . import outputs, storeio
 from .backends import Segmenter
 from .crops import CropParams, crop_cells
 from .fields import load_field
+from ..formats.lazy import is_large_field, large_labels_path
+from ..formats.tiled import segment_large_field
 
 RUN_KIND = "segment"
 CELL_COLUMNS = ("mask_id", "bbox", "centroid", "area", "edge", "scale", "crop_box")
@@ -66,7 +68,7 @@ def fail_or_record(path: str, reason: str, skip_bad: bool, failed: list[tuple[st
 
 def _pixel_size(item: Item, default: float | None) -> float | None:
     raw = item.meta.get("pixel_size", "")
-    if raw:
+    if raw and raw != "unknown":  # microscopy files record 'unknown' when their metadata has no pixel size
         try:
             return float(raw)
         except ValueError:
@@ -126,6 +128,14 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
                skip_bad: bool, failed: list) -> int:
     """Load, segment and crop one field, then hand it to the run's shards; returns the number of objects segmented."""
     path = source.abspath(item)
+    if is_large_field(path):  # read and segment tile by tile with bounded memory (embedkit.formats.tiled)
+        try:
+            cells = segment_large_field(path, segmenter, crop, conv=conv, seg_channels=seg_channels, progress=False,
+                                        pixel_size=_pixel_size(item, pixel_size), labels_path=large_labels_path(labels_dir, item.id))
+        except BadImageError as exc:
+            fail_or_record(path, exc.reason, skip_bad, failed)
+            return 0
+        return _shard_cells(shards, item, k, cells)
     try:
         fld = load_field(path, conv, seg_channels)
     except BadImageError as exc:
@@ -145,6 +155,11 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
     outputs.save_labels(labels_dir, item.id, labels)
     if overlay_dir:
         outputs.save_overlay(overlay_dir, item.id, rgb, labels, cells.cells.mask_id)
+    return _shard_cells(shards, item, k, cells)
+
+
+def _shard_cells(shards: storeio.FieldShards, item: Item, k: int, cells) -> int:
+    """Hand one field's crops and their columns to the run's shards; returns the number of objects found."""
     c = cells.cells
     shards.add(k, item.id, {"n_found": int(cells.n_found)},
                {"mask_id": c.mask_id, "bbox": c.bbox, "centroid": c.centroid, "area": c.area, "edge": c.edge,
