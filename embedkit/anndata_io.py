@@ -26,12 +26,7 @@ def obsm_name(key: str) -> str:
 
 
 def _views(store: Store, key: str) -> dict[str, np.ndarray]:
-    out = {}
-    with store.h5() as f:
-        if "views" in f and key in f["views"]:
-            for method, ds in f["views"][key].items():
-                out[VIEW_NAMES.get(method, f"X_{method}")] = ds[:]
-    return out
+    return {VIEW_NAMES.get(method, f"X_{method}"): coords for method, coords in store.views(key).items()}
 
 
 def to_anndata(store: Store | str | os.PathLike, key: str | None = None, only_done: bool = True):

@@ -6,7 +6,6 @@ import os
 
 import click
 
-from ..errors import EmbedkitError
 from ..formats.options import expand_source, plane_options
 
 

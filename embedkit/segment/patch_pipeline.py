@@ -189,7 +189,7 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
         except BadImageError as exc:
             fail_or_record(exc.path, exc.reason, skip_bad, failed)
             return
-        journal.write_chunk(field=np.array([item.id]), index=np.array([k]), **got)
+        shards.add(k, item.id, {"n_windows": int(got.pop("n_windows")[0])}, got)
         return
     try:
         fld = load_field(path, conv)

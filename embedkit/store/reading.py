@@ -258,13 +258,25 @@ class Store:
         ds = f["views"][key][method]
         return ds[:], {k: _decode(v) for k, v in ds.attrs.items()}
 
+    def views(self, key: str) -> dict[str, np.ndarray]:
+        """Every saved 2-D view of ``key``: method -> float32 [N, 2] coordinates."""
+        f = self._h5()
+        if "views" not in f or key not in f["views"]:
+            return {}
+        return {method: ds[:] for method, ds in f["views"][key].items()}
+
+    def segment_attrs(self) -> dict[str, Any]:
+        """The raw attributes segment/patches recorded (JSON ones as text); empty when it made no part of the store."""
+        f = self._h5()
+        return {k: _decode(v) for k, v in f["segment"].attrs.items()} if "segment" in f else {}
+
     def segment_record(self) -> dict | None:
         """What segment/patches recorded (command, config, fields done, failed, attributes), or None."""
         f = self._h5()
         if "segment" not in f:
             return None
         g = f["segment"]
-        rec = {k: _decode(v) for k, v in g.attrs.items()}
+        rec = self.segment_attrs()
         rec["fields"] = list(g["fields"].asstr()[:]) if "fields" in g else []
         rec["failed"] = g["failed"].asstr()[:].tolist() if "failed" in g else []
         for k in ("config", "gmm_thresholds"):

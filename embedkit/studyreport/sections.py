@@ -285,9 +285,7 @@ def provenance_section(store: Store, results: list[cmp.Result], command: str) ->
     for r in results:
         rec = {k: v for k, v in r.record.items() if k not in ("metrics", "ci", "runs", "across_runs")}
         settings.append({"name": r.name, "path": str(r.path), "json": json.dumps(rec, indent=1, sort_keys=True, default=str)})
-    with store.h5() as f:
-        seg = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f["segment"].attrs.items()} \
-            if "segment" in f else {}
+    seg = {k: str(v) for k, v in store.segment_attrs().items()}
     attrs = {k: str(v) for k, v in store.attrs.items()}
     return {"encoders": encoders, "results": settings, "versions": library_versions(), "command": command,
             "store_attrs": attrs, "segment": seg}
