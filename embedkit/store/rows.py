@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import h5py
@@ -116,16 +117,17 @@ def check_key_config(f: h5py.File, key: str, config: dict) -> h5py.Group | None:
 
 def key_config(g: h5py.Group, key: str) -> dict:
     """The recorded encoder configuration of a key group, or a one-line error when it is missing or broken."""
+    where = re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", os.path.basename(g.file.filename))  # a commit's temp copy -> the store
     raw = g.attrs.get("config")
     if raw is None:
-        raise EmbedkitError(f"embedding key {key!r} has no 'config' attribute; the store is damaged or was not "
+        raise EmbedkitError(f"{where}: embedding key {key!r} has no 'config' attribute; the store is damaged or was not "
                             f"written by embedkit (re-embed under another --key)")
     try:
         cfg = json.loads(raw)
     except (TypeError, ValueError):
-        raise EmbedkitError(f"embedding key {key!r}: its 'config' attribute is not valid JSON; the store is damaged") from None
+        raise EmbedkitError(f"{where}: embedding key {key!r}: its 'config' attribute is not valid JSON; the store is damaged") from None
     if not isinstance(cfg, dict):
-        raise EmbedkitError(f"embedding key {key!r}: its 'config' attribute is not a JSON object; the store is damaged")
+        raise EmbedkitError(f"{where}: embedding key {key!r}: its 'config' attribute is not a JSON object; the store is damaged")
     return cfg
 
 
