@@ -14,6 +14,7 @@ so a resumed run ends with the weights an uninterrupted one would have (on CPU).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ import torch
 
 from ..atomic import atomic_write_json
 from ..errors import EmbedkitError
+from ..finetune.train import run_identity
 from ..images import Conversion
 from .data import Unlabelled, select_items
 from .methods import MethodConfig, build_method, views_needed
@@ -84,8 +86,6 @@ def _libraries() -> dict:
 
 def _check_previous(out: Path, identity: str, settings: dict) -> dict | None:
     """The saved history of a run in ``out`` with these settings; refuse one made with other settings."""
-    import json
-
     from ..configdiff import describe_differences
 
     path = out / HISTORY_FILE
@@ -129,18 +129,15 @@ def adapt(source: str | os.PathLike, out: str | os.PathLike, encoder: str, *, cf
                     local_size=views.local_size or max(16, size // 2))
     settings = {"encoder": encoder, "base_weights_fingerprint": base.weights_fingerprint,
                 "preprocess": base.preprocess.to_dict(), "pooling": base.pooling, "conversion": conv.to_dict(),
-                "data_fingerprint": data.fingerprint, "excluded": data.excluded, "train": cfg.to_dict(),
-                "method": method_cfg.to_dict(), "views": views.to_dict()}
-    from ..finetune.train import run_identity
-
+                "data_fingerprint": data.fingerprint, "train": cfg.to_dict(), "method": method_cfg.to_dict(),
+                "views": views.to_dict(),  # the excluded ids, not where the splits file lies, identify a run
+                "excluded": {k: v for k, v in data.excluded.items() if k != "splits_file"}}
     identity = run_identity(settings)
     out.mkdir(parents=True, exist_ok=True)
     if restart:
         _discard(out)
     saved = _check_previous(out, identity, settings)
     if saved is not None and saved.get("finished") and (out / CONFIG_FILE).exists():
-        import json
-
         (out / STATE_FILE).unlink(missing_ok=True)
         return AdaptResult(out, json.loads((out / CONFIG_FILE).read_text()), saved["history"], already_done=True,
                            fit_seconds=saved.get("fit_seconds", 0.0))
