@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -27,9 +28,12 @@ from ..errors import EmbedkitError
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or missing images and list them in a report, instead of stopping.")
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on a Ray cluster (decoding tasks + a model actor pool; see docs/scale.md).")
+@click.option("--address", help="--engine ray: join this cluster ('auto' or HOST:PORT) [default: start a local one with this machine's cores].")
+@click.option("--replicas", type=click.IntRange(1), help="--engine ray: model replicas [default: one per GPU, or one per CPU slot].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, quiet):
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet):
     """Embed images with a frozen encoder into an HDF5 store.
 
     \b
@@ -43,6 +47,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     """
     from ..embed import embed as run_embed
     from ..encoders import create_encoder
+    from ..engines.ray_engine import engine_from_options
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..sources import discover
     from ..store import validate_key, write_lock
@@ -57,10 +62,12 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
                    f"{len({it.group for it in src.items})} groups)", err=True)
     if key is not None:
         validate_key(key)
-    with write_lock(store_path):  # a second writer is refused before the model loads
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
         enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
-                        dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet)
+                        dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet,
+                        engine=runner)
     msg = (f"embedded {res.n_embedded} images into {res.store} under key '{res.key}' "
            f"({res.images_per_second:.1f} img/s, dim {enc.dim})")
     if res.n_resumed:
