@@ -17,6 +17,7 @@ import pytest
 from conftest import MITOCHECK, run_cli
 from embedkit.embed import embed
 from embedkit.encoders import create_encoder
+from embedkit.images import Conversion
 from embedkit.sources import discover
 from embedkit.store import Store, folder_of
 from embedkit.store.tools import check
@@ -127,3 +128,53 @@ def test_bad_address_is_one_line(cells, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "could not reach a Ray cluster" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "s.h5").exists()
+
+
+def store_arrays(path: Path) -> dict:
+    """Every item column and the pixels of a store, as plain arrays."""
+    s = Store(path)
+    out = {c: s.column(c) for c in s.columns()}
+    out["pixels"] = s.pixels(slice(None))
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    x, y = store_arrays(a), store_arrays(b)
+    assert sorted(x) == sorted(y)
+    for name in x:
+        assert np.array_equal(x[name], y[name], equal_nan=x[name].dtype.kind == "f"), name
+    assert Store(a).segment_record()["fields"] == Store(b).segment_record()["fields"]
+
+
+def test_segment_and_patches_on_ray_equal_local(cluster, tmp_path):
+    from embedkit.segment.backends import create_segmenter
+    from embedkit.segment.crops import CropParams
+    from embedkit.segment.patch_pipeline import PairedChannel, extract_patches
+    from embedkit.segment.pipeline import segment_fields
+    from test_patches import KINDS, TILE, livedead_field
+    from test_segment import tiles
+
+    fields = tiles(tmp_path / "fields", 128, {f"A/t{r}{c}.tif": (r, c) for r in range(4) for c in range(2)})
+    src = discover(fields)
+    seg = create_segmenter("watershed")
+    stores = {}
+    for name, engine in (("local", None), ("ray", RayEngine(replicas=1))):
+        stores[name] = tmp_path / f"cells-{name}.h5"
+        res = segment_fields(src, stores[name], seg, CropParams(size=32), labels_dir=str(tmp_path / f"labels-{name}"),
+                             progress=False, engine=engine)
+        assert res.n_cells > 20 and not res.failed
+    assert_same_store(stores["local"], stores["ray"])
+    labels = sorted(p.name for p in (tmp_path / "labels-ray").rglob("*.tif"))
+    assert labels == sorted(p.name for p in (tmp_path / "labels-local").rglob("*.tif")) and len(labels) == 8
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        livedead_field(tmp_path / "ld" / f"well{i}.tif", rng, list(np.roll(KINDS, 5 * i)))
+    src = discover(tmp_path / "ld")
+    for name, engine in (("local", None), ("ray", RayEngine(replicas=1))):
+        stores[name] = tmp_path / f"patches-{name}.h5"
+        extract_patches(src, stores[name], size=TILE, stride=TILE, conv=Conversion(channels=(0, 0, 0)),
+                        paired=PairedChannel(channel=1), thresholds_out=str(tmp_path / f"gmm-{name}.json"),
+                        progress=False, engine=engine)
+    assert_same_store(stores["local"], stores["ray"])
+    assert len(Store(stores["ray"])) >= 24

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from ..engines.options import engine_options
 from ..errors import EmbedkitError
 
 
@@ -28,9 +29,7 @@ from ..errors import EmbedkitError
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or missing images and list them in a report, instead of stopping.")
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on a Ray cluster (decoding tasks + a model actor pool; see docs/scale.md).")
-@click.option("--address", help="--engine ray: join this cluster ('auto' or HOST:PORT) [default: start a local one with this machine's cores].")
-@click.option("--replicas", type=click.IntRange(1), help="--engine ray: model replicas [default: one per GPU, or one per CPU slot].")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
           batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet):
@@ -47,7 +46,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     """
     from ..embed import embed as run_embed
     from ..encoders import create_encoder
-    from ..engines.ray_engine import engine_from_options
+    from ..engines.options import engine_from_options
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..sources import discover
     from ..store import validate_key, write_lock

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
+
+from ..engines.options import engine_from_options, engine_options
 
 _FIELDS_HELP = """
     \b
@@ -65,10 +69,11 @@ def _refuse_unused_options(backend: str) -> None:
 @click.option("--labels-dir", type=click.Path(file_okay=False), help="Folder for the label TIFFs [default: <store>_labels/].")
 @click.option("--overlays", default=0, show_default=True, type=click.IntRange(0), help="Save outline PNGs of the first N fields in <store>_overlays/.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read or segmented, and list them in a report, instead of stopping.")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 def segment(fields, store_path, backend, model, diameter, channels, seg_channels, percentiles, polarity, flow_threshold,
             cellprob_threshold, min_size, batch_size, device, crop_size, mask, scale_spec, pixel_size, edge, min_area,
-            max_area, group_by, labels_dir, overlays, skip_bad, quiet):
+            max_area, group_by, labels_dir, overlays, skip_bad, engine, address, replicas, quiet):
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.backends import create_segmenter
     from ..segment.crops import CropParams, ScaleSpec
@@ -87,8 +92,10 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
     segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
                                  flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
                                  polarity=polarity)
-    res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
-                         labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet)
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext():
+        res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
+                             labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet, engine=runner)
     msg = (f"segmented {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields with {backend} "
            f"({res.n_resumed} already done, {len(res.failed)} failed): {res.n_cells} cells added to {res.store}; "
            f"{res.n_found} objects found at {res.cells_per_second:.1f} objects/s; label TIFFs in {res.labels_dir}")
@@ -134,10 +141,11 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--device", default="auto", show_default=True, help="Device for the learned filter's encoder: auto, cpu, cuda, mps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
-            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, quiet):
+            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, engine, address, replicas, quiet):
     from ..errors import EmbedkitError
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.filters import LearnedFilter, make_filter
@@ -167,9 +175,11 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
     if isinstance(filt, LearnedFilter) and filter_examples:
         click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
                    f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
-    res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
-                          thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
-                          batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext():
+        res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
+                              thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
+                              batch_size=batch_size, skip_bad=skip_bad, progress=not quiet, engine=runner)
     msg = (f"cut {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields ({res.n_resumed} already done, "
            f"{len(res.failed)} failed) into {res.n_windows} patches: {res.n_empty} empty, {res.n_written} added to {res.store}")
     if res.thresholds is not None:

@@ -351,18 +351,3 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     if address == "auto" or "://" in address or not sep or not port.isdigit():
         return
     socket.create_connection((host, int(port)), timeout=timeout).close()
-
-
-def engine_from_options(engine: str, address: str | None, replicas: int | None) -> RayEngine | None:
-    """The engine a command's ``--engine/--address/--replicas`` ask for (None: this process)."""
-    if engine == "local":
-        if address is not None or replicas is not None:
-            raise EmbedkitError("--address and --replicas apply to --engine ray")
-        return None
-    if engine != "ray":
-        raise EmbedkitError(f"--engine {engine!r}: choose local or ray")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise EmbedkitError("--engine ray needs Ray: pip install 'ray[data]'") from None
-    return RayEngine(address, replicas)

@@ -19,7 +19,7 @@ from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
-from .fields import load_field
+from .fields import Field, load_field
 from .filters import LearnedFilter, SimpleFilter
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
@@ -111,8 +111,11 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
                     device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                    report_path: str | None = None) -> PatchResult:
-    """Cut every field of ``source`` into patches in the store (resuming an interrupted run)."""
+                    report_path: str | None = None, engine=None) -> PatchResult:
+    """Cut every field of ``source`` into patches in the store (resuming an interrupted run).
+
+    ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
+    cuts and filters them in its actor pool, each worker writing shards of the same run, committed here."""
     from tqdm.auto import tqdm
 
     store_path = str(store_path)
@@ -128,19 +131,28 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
-        bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run)
-        try:
-            for k, item in todo:
-                _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad, res.failed)
-                bar.update(1)
-            shards.flush()
-        except KeyboardInterrupt:
-            shards.flush()  # whole fields only, so keeping them is safe
-            raise
-        finally:
-            bar.close()
+        if engine is not None and todo:
+            where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+            _, res.failed = engine.map_fields(
+                todo, PatchLoader(where, conv, paired),
+                PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
+                device=device if isinstance(filt, LearnedFilter) else "cpu", progress=progress, total=len(source.items),
+                initial=res.n_resumed)
+        else:
+            bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
+                       dynamic_ncols=True, file=sys.stderr)
+            shards = storeio.FieldShards(run)
+            try:
+                for k, item in todo:
+                    _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad,
+                               res.failed)
+                    bar.update(1)
+                shards.flush()
+            except KeyboardInterrupt:
+                shards.flush()  # whole fields only, so keeping them is safe
+                raise
+            finally:
+                bar.close()
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         attrs = {}
@@ -176,13 +188,45 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     return GmmThresholds.from_dict(d)
 
 
+@dataclass(frozen=True)
+class PatchLoader:
+    """Loads one field and its paired plane (or returns why they cannot be read) where fields are decoded: a Ray task."""
+
+    source: Source
+    conv: Conversion
+    paired: PairedChannel | None
+
+    def __call__(self, k: int, item: Item) -> tuple[Field, np.ndarray | None]:
+        fld = load_field(self.source.abspath(item), self.conv)
+        return fld, self.paired.plane(self.source, item, fld.raw) if self.paired is not None else None
+
+
+@dataclass
+class PatchCutter:
+    """Cuts and filters one loaded field into the run's shards where the filter lives: a Ray actor."""
+
+    source: Source
+    size: int
+    stride: int
+    conv: Conversion
+    filt: SimpleFilter | LearnedFilter | None
+    paired: PairedChannel | None
+    device: str
+    batch_size: int
+    skip_bad: bool
+
+    def __call__(self, k: int, item: Item, loaded, shards: storeio.FieldShards, failed: list) -> None:
+        _one_field(self.source, k, item, self.size, self.stride, self.conv, self.filt, self.paired, shards, self.device,
+                   self.batch_size, self.skip_bad, failed, loaded)
+
+
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
                paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
-               failed: list) -> None:
-    path = source.abspath(item)
+               failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None = None) -> None:
     try:
-        fld = load_field(path, conv)
-        plane = paired.plane(source, item, fld.raw) if paired is not None else None
+        if isinstance(loaded, BadImageError):
+            raise loaded
+        fld, plane = loaded if loaded is not None else PatchLoader(source, conv, paired)(k, item)
     except BadImageError as exc:
         fail_or_record(exc.path, exc.reason, skip_bad, failed)
         return

@@ -23,7 +23,7 @@ from ..sources import Item, Source
 from . import outputs, storeio
 from .backends import Segmenter
 from .crops import CropParams, crop_cells
-from .fields import load_field
+from .fields import Field, load_field
 
 RUN_KIND = "segment"
 CELL_COLUMNS = ("mask_id", "bbox", "centroid", "area", "edge", "scale", "crop_box")
@@ -77,8 +77,12 @@ def _pixel_size(item: Item, default: float | None) -> float | None:
 def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Segmenter, crop: CropParams = CropParams(),
                    *, conv: Conversion = Conversion(), seg_channels: tuple[int, ...] | None = None,
                    pixel_size: float | None = None, labels_dir: str | None = None, overlays: int = 0,
-                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None) -> SegmentResult:
-    """Segment every field of ``source`` into cells in the store (resuming an interrupted run)."""
+                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None,
+                   engine=None) -> SegmentResult:
+    """Segment every field of ``source`` into cells in the store (resuming an interrupted run).
+
+    ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
+    segments them in its actor pool, each worker writing shards of the same run, committed here."""
     from tqdm.auto import tqdm
 
     store_path = str(store_path)
@@ -94,20 +98,28 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
         n_resumed = len(source.items) - len(todo)
         failed: list[tuple[str, str]] = []
         n_found = 0
-        bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
-                   disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run)
-        try:
-            for k, item in todo:
-                n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards, labels_dir,
-                                      overlays_dir if k < overlays else None, skip_bad, failed)
-                bar.update(1)
-            shards.flush()
-        except KeyboardInterrupt:
-            shards.flush()  # whole fields only, so keeping them is safe
-            raise
-        finally:
-            bar.close()
+        if engine is not None and todo:
+            where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+            n_found, failed = engine.map_fields(
+                todo, FieldLoader(where, conv, seg_channels),
+                FieldCutter(where, segmenter, crop, conv, seg_channels, pixel_size, labels_dir, overlays_dir, overlays,
+                            skip_bad), run, desc=f"segment ({segmenter.name})", device=getattr(segmenter, "device", "cpu"),
+                progress=progress, total=len(source.items), initial=n_resumed)
+        else:
+            bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
+                       disable=not progress, dynamic_ncols=True, file=sys.stderr)
+            shards = storeio.FieldShards(run)
+            try:
+                for k, item in todo:
+                    n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards,
+                                          labels_dir, overlays_dir if k < overlays else None, skip_bad, failed)
+                    bar.update(1)
+                shards.flush()
+            except KeyboardInterrupt:
+                shards.flush()  # whole fields only, so keeping them is safe
+                raise
+            finally:
+                bar.close()
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         report = str(outputs.write_failures(report_path or sidecar(store_path, ".segment-failed.csv"), failed)) if failed else None
@@ -121,13 +133,49 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
                          report, labels_dir, overlays_dir)
 
 
+@dataclass(frozen=True)
+class FieldLoader:
+    """Loads one field (or returns why it cannot be read) where fields are decoded: a Ray task."""
+
+    source: Source
+    conv: Conversion
+    seg_channels: tuple[int, ...] | None
+
+    def __call__(self, k: int, item: Item) -> Field:
+        return load_field(self.source.abspath(item), self.conv, self.seg_channels)
+
+
+@dataclass
+class FieldCutter:
+    """Segments and crops one loaded field into the run's shards where the segmenter lives: a Ray actor."""
+
+    source: Source
+    segmenter: Segmenter
+    crop: CropParams
+    conv: Conversion
+    seg_channels: tuple[int, ...] | None
+    pixel_size: float | None
+    labels_dir: str
+    overlays_dir: str | None
+    overlays: int
+    skip_bad: bool
+
+    def __call__(self, k: int, item: Item, fld: Field | BadImageError, shards: storeio.FieldShards, failed: list) -> int:
+        return _one_field(self.source, k, item, self.segmenter, self.crop, self.conv, self.seg_channels, self.pixel_size,
+                          shards, self.labels_dir, self.overlays_dir if k < self.overlays else None, self.skip_bad,
+                          failed, fld)
+
+
 def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: CropParams, conv: Conversion,
                seg_channels, pixel_size, shards: storeio.FieldShards, labels_dir: str, overlay_dir: str | None,
-               skip_bad: bool, failed: list) -> int:
-    """Load, segment and crop one field, then hand it to the run's shards; returns the number of objects segmented."""
+               skip_bad: bool, failed: list, fld: Field | BadImageError | None = None) -> int:
+    """Load (unless ``fld`` is given), segment and crop one field, then hand it to the run's shards; returns the
+    number of objects segmented."""
     path = source.abspath(item)
     try:
-        fld = load_field(path, conv, seg_channels)
+        if isinstance(fld, BadImageError):
+            raise fld
+        fld = fld if fld is not None else load_field(path, conv, seg_channels)
     except BadImageError as exc:
         fail_or_record(path, exc.reason, skip_bad, failed)
         return 0
