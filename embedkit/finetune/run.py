@@ -25,6 +25,7 @@ import torch
 from ..errors import EmbedkitError
 from ..images import Conversion
 from ..splits import Splits, check_splits, make_splits
+from . import ddp
 from .data import Augment, CellDataset, Items, check_files, load_items
 from .evaluate import default_workers, predict
 from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, WEIGHTS_FILE, CONFIG_FILE, build_model
@@ -90,11 +91,13 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
              train: TrainConfig = TrainConfig(), weights: str | None = None, pretrained: bool = True,
              image_size: int | None = None, conv: Conversion = Conversion(), folds: Sequence[int] | None = None,
              device: str = "auto", workers: int | None = None, name: str | None = None, restart: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> FinetuneResult:
+             progress: bool = True, log: Callable[[str], None] = print, nproc: int = 1) -> FinetuneResult:
     """Fine-tune ``model`` (a timm name, or efficientnet_lite0/1/2) on ``source`` and write a result folder.
 
-    Re-running the same call resumes an interrupted run; finished folds are not trained again.
+    Re-running the same call resumes an interrupted run; finished folds are not trained again. ``nproc`` > 1
+    trains with DistributedDataParallel in that many processes (see :mod:`.ddp`).
     """
+    call = dict(locals())  # the arguments, for the processes of --nproc
     from ..device import resolve_device
     from ..results import predictions_frame, write_results
 
@@ -113,12 +116,17 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     classes = sorted({label_of[i] for i in used})
     index = {c: j for j, c in enumerate(classes)}
     check_files(items, items.rows(list(dict.fromkeys(used))))
+    if nproc > 1 and not ddp.is_launched():
+        return ddp.launch(nproc, finetune, call)
 
+    dev = ddp.setup(resolve_device(device))
+    if not ddp.is_main():
+        log, progress = _silent, False
     out.mkdir(parents=True, exist_ok=True)
-    if restart:
+    if restart and ddp.is_main():
         _discard(out, len(splits.folds))
-    dev = resolve_device(device)
-    n_workers = default_workers(dev) if workers is None else workers
+    ddp.barrier()
+    n_workers = default_workers(dev) // ddp.world() if workers is None else workers
     aug = Augment() if train.augment else None
     fingerprint = splits.fingerprint()
     names = run_names(splits)
@@ -155,6 +163,9 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             f"{len(classes)} classes; {model} ({built.weights_source}) at {pre.size}px on {dev}")
         outcome = train_fold(built.model, dataset(fold.train, aug), dataset(fold.val), classes, fold_dir, train,
                              settings, checkpoint_config, dev, workers=n_workers, progress=progress, log=log)
+        outcomes.append(outcome)
+        if not ddp.is_main():  # rank 0 alone tests and writes
+            continue
         if outcome.already_done:
             log(f"fold {k}: already trained (best epoch {outcome.best_epoch}); evaluating its checkpoint")
         _load_best(built.model, fold_dir)
@@ -168,8 +179,9 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
                                         pred.proba, classes, run=names[k]))
         plot_history({f"fold {k}": outcome.history}, fold_dir / CURVE_FILE,
                      title=f"{name}: fold {k}" if len(splits.folds) > 1 else name)
-        outcomes.append(outcome)
 
+    if not ddp.is_main():
+        return FinetuneResult(out, {}, outcomes)
     import pandas as pd
 
     n_test = sum(n for n, _ in throughput)
@@ -185,13 +197,18 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             "preprocess": built.preprocess.to_dict(), "conversion": conv.to_dict(),
             "hyperparameters": train.to_dict(), "augment": aug.to_dict() if aug else None,
             "best_epoch": [o.best_epoch for o in outcomes], "epochs_run": [len(o.history) for o in outcomes],
-            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "source": str(source),
+            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "processes": ddp.world(),
+            "source": str(source),
             "items_from": items.kind, "versions": _versions()}
     splits.save(out / "splits.json")
     record = write_results(out, pd.concat(frames, ignore_index=True), classes, info, title=name)
     if len(splits.folds) > 1:
         plot_history({f"fold {k}": o.history for k, o in zip(chosen, outcomes)}, out / CURVE_FILE, title=name)
     return FinetuneResult(out, record, outcomes)
+
+
+def _silent(_: str) -> None:
+    """The log of processes other than rank 0."""
 
 
 def _load_best(model: torch.nn.Module, directory: Path) -> None:
