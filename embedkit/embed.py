@@ -83,7 +83,8 @@ class ImageDataset(torch.utils.data.Dataset):
         item_id = self.entries[i][0]
         try:
             if self.raw:
-                return item_id, self._rgb(i, keep_uint8=True), None
+                rgb = self._rgb(i, keep_uint8=True)
+                return item_id, rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32, copy=False), None
             return item_id, to_tensor(self._rgb(i), self.pre), None
         except BadImageError as exc:
             return item_id, None, exc.reason

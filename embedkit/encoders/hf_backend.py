@@ -78,6 +78,11 @@ def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_
     except OSError as exc:
         if os.path.isdir(source):
             raise EmbedkitError(f"{source}: not a loadable transformers model folder ({str(exc).splitlines()[0]})") from None
+        if not pretrained and weights is None and spec.local_arch is not None:
+            # a random network needs no download: the same architecture from timm's built-in configuration
+            from .timm_backend import build_timm
+
+            return build_timm(replace(spec, arch=spec.local_arch), None, pooling, image_size, False)
         raise WeightsNotFoundError(
             f"{spec.name}: weights not found locally and the hub is unreachable (wanted hub id {source}); "
             f"download it elsewhere with 'huggingface-cli download {source}' and copy the cache, or pass --weights FOLDER") from None
