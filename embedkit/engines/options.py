@@ -33,7 +33,7 @@ def engine_from_options(engine: str, address: str | None, replicas: int | None):
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise EmbedkitError("--engine ray needs Ray: pip install 'ray[data]'") from None
+        raise EmbedkitError("--engine ray needs Ray: pip install 'embedkit[ray]' (or 'ray[data]')") from None
     from .ray_engine import RayEngine
 
     return RayEngine(address, replicas)
