@@ -39,6 +39,8 @@ from ..store.faults import fault
 WORKER_FAULT_ENV = "EMBEDKIT_WORKER_FAULT"
 #: CPUs a decode task asks the scheduler for (they read and decode files; the models get the rest).
 DECODE_CPUS = 0.5
+#: On CPU-only clusters, the share of the CPUs kept for decoding (at least one decode task's worth).
+DECODE_SHARE = 0.1
 #: Field blocks aim for this many blocks per model replica, so that work spreads while shards stay large.
 BLOCKS_PER_REPLICA = 4
 
@@ -58,7 +60,8 @@ def plan_pool(resources: dict[str, float], device: str = "auto", replicas: int |
     """Model replicas for a cluster with ``resources`` (``ray.cluster_resources()``).
 
     With GPUs (device auto or cuda): one replica per GPU. On CPUs: by default one single-threaded replica
-    per CPU slot, keeping half a CPU for decoding; with ``replicas`` given, the CPUs are shared among them.
+    per CPU slot, keeping a tenth of the CPUs (at least half a CPU) for decoding; with ``replicas`` given, the
+    CPUs are shared among them.
     """
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
@@ -73,7 +76,7 @@ def plan_pool(resources: dict[str, float], device: str = "auto", replicas: int |
         if n > gpus:
             raise EmbedkitError(f"--replicas {n}: the Ray cluster has {gpus} GPU(s), one replica each")
         return Plan(n, "cuda", actor_cpus=1.0, actor_gpus=1.0, threads=1)
-    spare = max(cpus - DECODE_CPUS, 0.5)
+    spare = max(cpus - max(DECODE_CPUS, DECODE_SHARE * cpus), 0.5)
     n = replicas or max(1, int(spare))
     if n > spare / 0.25:
         raise EmbedkitError(f"--replicas {n}: the Ray cluster has {cpus:g} CPUs; use at most {int(spare / 0.25)}")
