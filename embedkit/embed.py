@@ -246,7 +246,9 @@ def _new_items(source: Source, s: st.Store | None, skip_bad: bool) -> list:
     known = set(s.ids) if s is not None and len(s) else set()
     new = [it for it in source.items if it.id not in known]
     if not skip_bad:
-        missing = [it for it in new if not os.path.exists(source.abspath(it))]
+        from .formats import exists  # item paths may be locators such as movie.ome.tiff::t=3
+
+        missing = [it for it in new if not exists(source.abspath(it))]
         if missing:
             raise BadImageError(source.abspath(missing[0]), f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                 f"fix the source or pass --skip-bad to skip and list them")

@@ -9,7 +9,6 @@ exact scan of the store in blocks (memory stays bounded however large the store 
 from __future__ import annotations
 
 import csv
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from .errors import EmbedkitError
 from .images import IMAGE_SUFFIXES, Conversion, is_image_file
+from .items import ItemSet
 from .neighbors import l2_normalize
 from .store import COMPARED_FIELDS, Store, comparable_config, fingerprint
 from .store_index import SavedIndex, load_vectors
@@ -28,7 +28,10 @@ CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 
 @dataclass
 class Query:
-    """One query: a store item (``row``) or an image file (``path``; ``row`` set when it is a store item's file)."""
+    """One parsed QUERY: a store item (``row``) or an image file (``path``; ``row`` set when it is a store item's file).
+
+    A query is a request, not an item: the items and their pixels come from :class:`~embedkit.items.ItemSet`.
+    """
 
     name: str
     kind: str
@@ -40,53 +43,29 @@ class Query:
         return self.kind == "item"
 
 
-class _Ids:
-    """Store ids and (lazily) absolute item paths, for resolving query strings."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.ids = store.ids
-        self.row_of = {str(i): r for r, i in enumerate(self.ids)}
-        self._path_row: dict[str, int] | None = None
-
-    def row_for_file(self, path: str) -> int | None:
-        if self._path_row is None:
-            paths = self.store.column("path")
-            self._path_row = {os.path.realpath(self.store.abspath(str(p))): r for r, p in enumerate(paths)}
-        return self._path_row.get(os.path.realpath(path))
-
-    def unknown(self, name: str, where: str = "") -> EmbedkitError:
-        hint = ""
-        starting = [str(i) for i in self.ids[:200_000] if str(i).startswith(name)] if name else []
-        if starting:
-            more = f" (or one of {len(starting) - 1} more ids starting so)" if len(starting) > 1 else ""
-            hint = f"; did you mean {starting[0]!r}{more}?"
-        elif 0 < len(self.ids) <= 50_000:
-            close = difflib.get_close_matches(name, [str(i) for i in self.ids], n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; ids look like {str(self.ids[0])!r}"
-        elif len(self.ids):
-            hint = f"; ids look like {str(self.ids[0])!r}"
-        return EmbedkitError(f"{where}{name!r} is neither an item id in {self.store.path.name} nor an existing image or CSV file{hint}")
+def _unknown(items: ItemSet, name: str, where: str = "") -> EmbedkitError:
+    return EmbedkitError(f"{where}{name!r} is neither an item id in {items.store.path.name} nor an existing image or "
+                         f"CSV file{items.id_hint(name)}")
 
 
 def parse_queries(store: Store, spec: str) -> list[Query]:
     """Resolve QUERY: an item id, an image file, or a CSV whose ``id`` or ``path`` column (or first column) lists them."""
-    ids = _Ids(store)
-    if spec in ids.row_of:
-        return [Query(spec, "item", row=ids.row_of[spec])]
+    items = ItemSet.from_store(store)
+    if spec in items.index:
+        return [Query(spec, "item", row=items.index[spec])]
     p = Path(spec)
     if p.is_dir():
         raise EmbedkitError(f"QUERY {spec} is a folder; give an image file, an item id, or a CSV listing them")
     if not p.exists():
-        raise ids.unknown(spec, "QUERY ")
+        raise _unknown(items, spec, "QUERY ")
     if p.suffix.lower() in CSV_SUFFIXES:
-        return _csv_queries(ids, p)
+        return _csv_queries(items, p)
     if is_image_file(p):
-        return [Query(spec, "image", row=ids.row_for_file(str(p)), path=str(p))]
+        return [Query(spec, "image", row=items.position_of_file(p), path=str(p))]
     raise EmbedkitError(f"QUERY {spec}: not an image ({', '.join(IMAGE_SUFFIXES)}) nor a CSV of ids or image paths")
 
 
-def _csv_queries(ids: _Ids, path: Path) -> list[Query]:
+def _csv_queries(items: ItemSet, path: Path) -> list[Query]:
     try:
         with open(path, newline="") as fh:
             sample = fh.read(4096)
@@ -110,18 +89,18 @@ def _csv_queries(ids: _Ids, path: Path) -> list[Query]:
     out = []
     for n, e in enumerate(entries):
         where = f"{path.name} entry {n + 1}: "
-        if only != "path" and e in ids.row_of:
-            out.append(Query(e, "item", row=ids.row_of[e]))
+        if only != "path" and e in items.index:
+            out.append(Query(e, "item", row=items.index[e]))
             continue
         if only == "id":
-            raise ids.unknown(e, where)
+            raise _unknown(items, e, where)
         f = Path(e) if Path(e).is_absolute() else base / e
         if f.is_file() and is_image_file(f):
-            out.append(Query(e, "image", row=ids.row_for_file(str(f)), path=str(f)))
+            out.append(Query(e, "image", row=items.position_of_file(f), path=str(f)))
         elif f.exists():
             raise EmbedkitError(f"{where}{e}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
         else:
-            raise ids.unknown(e, where)
+            raise _unknown(items, e, where)
     return out
 
 

@@ -20,7 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text
 from .errors import EmbedkitError
+from .figures import pyplot
 from .metrics import mcnemar, paired_bootstrap
 
 METRICS_FILE = "metrics.json"
@@ -314,8 +316,7 @@ def render_markdown(rows: list[dict], pairs: list[dict], warnings: list[str]) ->
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -324,11 +325,7 @@ def _png(fig) -> str:
 
 def forest_plot(rows: list[dict]) -> str:
     """Balanced accuracy with 95% CIs per row, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
     ys = np.arange(len(rows))[::-1]
     for y, r in zip(ys, rows):
@@ -345,11 +342,7 @@ def forest_plot(rows: list[dict]) -> str:
 
 def pairs_plot(pairs: list[dict]) -> str:
     """Paired differences B − A with 95% CIs, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [p for p in pairs if "ci" in p]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(ok) + 1.2))
     ys = np.arange(len(ok))[::-1]
@@ -406,12 +399,6 @@ def render_html(rows: list[dict], pairs: list[dict], warnings: list[str], result
     return "".join(parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _default_out(paths: Sequence[str | os.PathLike]) -> Path:
     if len(paths) == 1 and not (Path(paths[0]) / METRICS_FILE).exists():
         return Path(paths[0]) / "comparison"
@@ -439,11 +426,11 @@ def compare_results(paths: Sequence[str | os.PathLike], *, out: str | os.PathLik
     md = render_markdown(rows, tests, warnings)
     dest = Path(out) if out is not None else _default_out(paths)
     dest.mkdir(parents=True, exist_ok=True)
-    _atomic_write(dest / "comparison.md", md)
+    atomic_write_text(dest / "comparison.md", md)
     _write_csv(dest / "comparison.csv", rows, warnings)
-    _atomic_write(dest / "comparison.json", json.dumps({"warnings": warnings, "rows": rows, "pairs": tests}, indent=1,
-                                                       default=float))
-    _atomic_write(dest / "comparison.html", render_html(rows, tests, warnings, results))
+    atomic_write_text(dest / "comparison.json", json.dumps({"warnings": warnings, "rows": rows, "pairs": tests}, indent=1,
+                                                           default=float))
+    atomic_write_text(dest / "comparison.html", render_html(rows, tests, warnings, results))
     return Comparison(dest, rows, tests, warnings, md, results)
 
 
@@ -452,6 +439,5 @@ def _write_csv(path: Path, rows: list[dict], warnings: list[str]) -> None:
 
     df = pd.DataFrame(rows)
     df["warning"] = " ".join(warnings)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)

@@ -52,10 +52,9 @@ class Splits:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
-        os.replace(tmp, path)
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Splits":

@@ -20,6 +20,7 @@ import torch
 from conftest import MITOCHECK, ROOT, run_cli
 from embedkit.finetune import BalancedSampler
 from embedkit.finetune.ddp import ShardedSampler
+from embedkit.finetune.state import STATE_FILE
 
 TINY = ["--model", "test_resnet", "--random-init", "--image-size", "48", "--group-by", "mitocheck", "--nproc", "2",
         "--batch-size", "16", "--samples-per-epoch", "96", "--quiet"]
@@ -53,7 +54,7 @@ def test_two_processes_train_resume_after_a_kill_and_rank0_validates_on_everythi
     args = ["finetune", MITOCHECK, "--out", out, "--epochs", "2", *TINY]
     proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", *map(str, args)], cwd=ROOT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = out / "train_state.pt"
+    state = out / STATE_FILE
     deadline = time.monotonic() + 600
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

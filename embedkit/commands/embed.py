@@ -8,7 +8,7 @@ import os
 import click
 
 from ..engines.options import engine_options
-from ..errors import EmbedkitError
+from ..formats.options import expand_source, plane_options
 
 
 @click.command()
@@ -20,7 +20,7 @@ from ..errors import EmbedkitError
 @click.option("--image-size", type=int, help="Input size; ViTs interpolate position embeddings to it.")
 @click.option("--key", help="Embedding key in the store [default: derived from the encoder name].")
 @click.option("--group-by", help="Group rule: a manifest column, a preset (mitocheck, parent, file) or a regex with capture groups.")
-@click.option("--channels", help="Map source channels to RGB, e.g. '0' (gray), '2,1,0', '1,0,-'. Needed for >4 channels.")
+@click.option("--channels", help="Map source channels to RGB, e.g. '0' (gray), '2,1,0', '1,0,-', or by name 'DAPI,Phalloidin,-'. Needed for >4 channels.")
 @click.option("--percentiles", default="1,99.8", show_default=True, help="Robust LOW,HIGH percentiles for 16-bit/float images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
@@ -31,8 +31,10 @@ from ..errors import EmbedkitError
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
 @engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@plane_options()
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet):
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet, z_rule,
+          t_frames, target_pixel_size):
     """Embed images with a frozen encoder into an HDF5 store.
 
     \b
@@ -51,16 +53,17 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     from ..sources import discover
     from ..store import validate_key, write_lock
 
+    if key is not None:
+        validate_key(key)
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     if len(source) == 1 and os.path.abspath(source[0]) == os.path.abspath(store_path):
         src = store_path
     else:
         src = discover(list(source), group_by=group_by)
+        src = expand_source(src, z_rule, t_frames, target_pixel_size, group_by, skip_bad, quiet)
         labelled = sum(bool(it.label) for it in src.items)
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
-    if key is not None:
-        validate_key(key)
     runner = engine_from_options(engine, address, replicas)
     with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
         enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)

@@ -49,7 +49,9 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
     items.csv, explain.json, and with --faithfulness faithfulness.csv/.png.
     """
     from ..errors import EmbedkitError
-    from ..explain import StoreItems, explain as run_explain, load_model, parse_methods, resolve_items, select_items
+    from ..explain import explain as run_explain, load_model, parse_methods, resolve_items, select_items
+    from ..items import ItemSet
+    from ..store import Store
 
     methods = parse_methods(method)
     if not list_layers and not out_dir:
@@ -63,13 +65,14 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
     if list_layers:
         _print_layers(load_model(model))
         return
-    store = StoreItems(store_path) if store_path else None
+    store = Store(store_path) if store_path else None
+    in_store = ItemSet.from_store(store) if store is not None else None
     if select is not None:
         csv_path = predictions or _find_predictions(Path(model))
-        chosen = select_items(csv_path, select, n or (16 if select == "misclassified" else 4), store)
+        chosen = select_items(csv_path, select, n or (16 if select == "misclassified" else 4), in_store)
         click.echo(f"selected {len(chosen)} items ({select}) from {csv_path}", err=True)
     else:
-        chosen = resolve_items(items, store)
+        chosen = resolve_items(items, in_store)
     mdl = load_model(model)
     res = run_explain(mdl, chosen, out_dir, methods=methods, target=target, layer=layer, store=store,
                       faithfulness=faithfulness, steps=steps, device=device, batch_size=batch_size, progress=not quiet)

@@ -16,6 +16,14 @@ def _echo_err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _write_csv(frame, path: str) -> None:
+    from ..atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    click.echo(f"wrote {path}")
+
+
 def _use_gpu(device: str) -> bool:
     from ..neighbors import faiss_gpu_available
 
@@ -100,8 +108,6 @@ def neighbors(store, query, key, k, sheet, exclude_same_group, csv_out, index_pa
     Prints rank, id, label, group and cosine similarity per neighbour. An item is its own first neighbour
     (similarity 1) unless --exclude-same-group hides its whole group.
     """
-    import os
-
     from ..lookup import neighbors_frame, parse_queries, query_vectors, search_store
     from ..store import Store
     from ..store_index import open_index, stale_message
@@ -134,10 +140,7 @@ def neighbors(store, query, key, k, sheet, exclude_same_group, csv_out, index_pa
             if row >= 0:
                 click.echo(f"{rank:>4}  {sim:>10.4f}  {str(labels[row])[:20]:<20} {str(groups[row])[:18]:<18} {ids[row]}")
     if csv_out:
-        tmp = f"{csv_out}.tmp-{os.getpid()}"
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, csv_out)
-        click.echo(f"wrote {csv_out}")
+        _write_csv(table, csv_out)
     if sheet:
         from ..sheets import neighbor_sheet
 
@@ -168,8 +171,6 @@ def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, q
     intensity changed, which CNN embeddings do not see as similar. Groups placed on both sides of the
     split are reported too. Exit status 1 when leaks are found, so pipelines can stop.
     """
-    import os
-
     from ..leaks import find_leaks
     from ..splits import Splits
 
@@ -187,14 +188,13 @@ def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, q
     for f, g, parts in report.group_leaks[:5]:
         click.echo(f"fold {f}: group {g!r} is in {parts}")
     if csv_out:
-        tmp = f"{csv_out}.tmp-{os.getpid()}"
-        pairs.to_csv(tmp, index=False)
-        os.replace(tmp, csv_out)
-        click.echo(f"wrote {csv_out}")
+        _write_csv(pairs, csv_out)
     if sheet:
         from ..sheets import pair_sheet
 
-        click.echo(f"wrote {pair_sheet(store, key, pairs, sheet, threshold=report.threshold, measure=report.measure)}")
+        from ..store import Store
+
+        click.echo(f"wrote {pair_sheet(Store(store), key, pairs, sheet, threshold=report.threshold, measure=report.measure)}")
     click.echo(report.verdict)
     if report.leaking:
         sys.exit(1)

@@ -76,9 +76,10 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
                              pca_dim=pca_dim, test_size=test_size, val_size=val_size, folds=folds, seeds=seeds,
                              seed=seed, classes=[c.strip() for c in classes.split(",")] if classes else None,
                              head_options=opts, n_boot=n_boot)
+    s = Store(store)
     if out is None:
-        out = os.path.join("results", f"{Path(store).stem}-{Store(store).resolve_key(key)}")
-    report = run_probe(store, out, key=key, group_by=group_by, splits_path=splits_path, settings=settings,
+        out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")
+    report = run_probe(s, out, key=key, group_by=group_by, splits_path=splits_path, settings=settings,
                        progress=not quiet)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
@@ -95,20 +96,19 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: id, group, true, pred, p_<class>...")
 def predict(store, probe_dir, key, out):
     """Apply a saved probe to the items of a store (refuses embeddings from another encoder configuration)."""
+    from ..atomic import atomic_path
     from ..probe import load_probe
     from ..probe.proportions import apply_probes
     from ..results import predictions_frame
     from ..store import Store
 
     p = load_probe(probe_dir)
-    rows, proba, classes, keys = apply_probes(store, [p], key)
     s = Store(store)
+    rows, proba, classes, keys = apply_probes(s, [p], key)
     labels = [lab if lab in classes else "" for lab in s.labels[rows]]
     df = predictions_frame(s.ids[rows], s.groups[rows], labels, proba, classes, run=p.provenance.get("run", 0))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        df.to_csv(tmp, index=False)
     counts = df["pred"].value_counts()
     click.echo(f"{len(df)} items of {store} (key {keys[0]!r}) predicted by {p.name}; wrote {out}")
     click.echo("predicted: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
@@ -135,9 +135,10 @@ def proportions(store, probe_dirs, key, group_by, populations_csv, out):
     """
     from ..probe import load_probe
     from ..probe.proportions import METHODS, rmse_table, run_proportions
+    from ..store import Store
 
     probes = [load_probe(d) for d in probe_dirs]
-    res = run_proportions(store, probes, key=key, group_by=group_by, populations_csv=populations_csv, out=out)
+    res = run_proportions(Store(store), probes, key=key, group_by=group_by, populations_csv=populations_csv, out=out)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     n_pop = res.table["population"].nunique()

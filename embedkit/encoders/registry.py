@@ -1,6 +1,7 @@
 """One registry of encoders: short names (following upstream) mapped to specs, and ``create_encoder``.
 
-``timm:<name>`` and ``hf:<repo id or local folder>`` pass any other model through.
+``timm:<name>`` and ``hf:<repo id or local folder>`` pass any other model through; ``local:<folder>`` loads an
+encoder adapted by ``embedkit adapt``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def get_spec(name: str) -> EncoderSpec:
         from .hf_backend import hf_spec
 
         return hf_spec(name)
+    if name.startswith("local:"):
+        from ..adapt.saved import local_spec
+
+        return local_spec(name)
     close = [n for n in REGISTRY if name.split("_")[0] in n][:6]
     hint = f" Similar: {', '.join(close)}." if close else ""
     raise EmbedkitError(f"unknown encoder {name!r}.{hint} Run 'embedkit encoders' for the list, or use timm:<name> / hf:<repo_id>")
@@ -109,6 +114,15 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
             raise EmbedkitError(f"--pooling applies to ViT encoders; {name} is a CNN and is average-pooled")
     if weights is not None and not os.path.exists(weights):
         raise EmbedkitError(f"--weights {weights}: no such file or folder")
+    if weights is not None and os.path.isdir(weights) and not os.listdir(weights):
+        raise EmbedkitError(f"--weights {weights}: the folder is empty; pass a checkpoint file (.pth or .safetensors), "
+                            f"or for a transformers encoder a folder holding config.json and model.safetensors")
+    if name.startswith("local:"):
+        if weights is not None or not pretrained:
+            raise EmbedkitError(f"{name} carries its own adapted weights; leave out --weights and --random-init")
+        from ..adapt.saved import load_adapted
+
+        return load_adapted(name, pooling, image_size)
     if spec.backend == "hf":
         from .hf_backend import build_hf
 

@@ -317,15 +317,16 @@ class RayEngine:
 
     # segment and patches -------------------------------------------------------------------------
     def map_fields(self, todo: Sequence[tuple[int, Any]], loader: Callable, cutter: Callable, run, *, desc: str,
-                   device: str = "auto", progress: bool = True, total: int | None = None,
-                   initial: int = 0) -> tuple[int, list[tuple[str, str]]]:
+                   device: str = "auto", fields_per_block: int | None = None, progress: bool = True,
+                   total: int | None = None, initial: int = 0) -> tuple[int, list[tuple[str, str]]]:
         """Load fields with ``loader(k, item)`` in CPU tasks and cut them with ``cutter(k, item, loaded, shards,
-        failed)`` in the actor pool, one shard per block; return (objects found, failed fields)."""
+        failed)`` in the actor pool, one shard per block of ``fields_per_block`` fields (default: a few blocks per
+        replica, at most 16 fields each); return (objects found, failed fields)."""
         from tqdm.auto import tqdm
 
         ray = self.connect()
         plan = plan_pool(ray.cluster_resources(), device, self.replicas)
-        size = max(1, min(16, math.ceil(len(todo) / (plan.replicas * BLOCKS_PER_REPLICA))))
+        size = fields_per_block or max(1, min(16, math.ceil(len(todo) / (plan.replicas * BLOCKS_PER_REPLICA))))
         blocks = [_pack((b, list(todo[s:e]))) for b, (s, e) in enumerate(chunks(len(todo), size))]
         ref = ray.put(cutter)
         found, failed, errors = 0, {}, {}

@@ -25,11 +25,13 @@ import torch
 from ..errors import EmbedkitError
 from ..images import Conversion
 from ..splits import Splits, check_splits, make_splits
+from ..items import ItemSet
 from . import ddp
-from .data import Augment, CellDataset, Items, check_files, load_items
+from .data import Augment, CellDataset, check_files, load_items
 from .evaluate import default_workers, predict
-from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, WEIGHTS_FILE, CONFIG_FILE, build_model
-from .train import HISTORY_FILE, STATE_FILE, TrainConfig, plot_history, train_fold
+from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, WEIGHTS_FILE, build_model, load_weights
+from .state import LEGACY_STATE_FILE, STATE_FILE
+from .train import HISTORY_FILE, TrainConfig, plot_history, train_fold
 
 CURVE_FILE = "training_curve.png"
 
@@ -65,7 +67,7 @@ def run_names(splits: Splits) -> list[str]:
     return [str(n) for n in names] if len(names) == len(splits.folds) else [f"fold{k}" for k in range(len(splits.folds))]
 
 
-def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
+def get_splits(items: ItemSet, opts: SplitOptions) -> tuple[Splits, list[str]]:
     """Load and validate saved splits against these items, or make them with the shared splits module."""
     group_of = dict(zip(items.ids, items.groups))
     label_of = dict(zip(items.ids, items.labels))
@@ -87,12 +89,14 @@ def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
     return splits, warnings
 
 
-def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, split_opts: SplitOptions = SplitOptions(),
+def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOptions = SplitOptions(),
              train: TrainConfig = TrainConfig(), weights: str | None = None, pretrained: bool = True,
              image_size: int | None = None, conv: Conversion = Conversion(), folds: Sequence[int] | None = None,
              device: str = "auto", workers: int | None = None, name: str | None = None, restart: bool = False,
              progress: bool = True, log: Callable[[str], None] = print, nproc: int = 1) -> FinetuneResult:
     """Fine-tune ``model`` (a timm name, or efficientnet_lite0/1/2) on ``source`` and write a result folder.
+
+    ``source`` is a Store, a store file, a folder of class folders, a manifest, or an :class:`ItemSet`.
 
     Re-running the same call resumes an interrupted run; finished folds are not trained again. ``nproc`` > 1
     trains with DistributedDataParallel in that many processes (see :mod:`.ddp`).
@@ -115,8 +119,10 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     used = [i for k in chosen for part in ("train", "val", "test") for i in splits.folds[k].part(part)]
     classes = sorted({label_of[i] for i in used})
     index = {c: j for j, c in enumerate(classes)}
-    check_files(items, items.rows(list(dict.fromkeys(used))))
+    check_files(items, items.positions(list(dict.fromkeys(used))))
     if nproc > 1 and not ddp.is_launched():
+        if items.store is not None and not isinstance(source, (str, os.PathLike, ItemSet)):
+            call["source"] = str(items.store.path)  # a Store handle is reopened by each process from its path
         return ddp.launch(nproc, finetune, call)
 
     dev = ddp.setup(resolve_device(device))
@@ -142,7 +148,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
         pre = built.preprocess
 
         def dataset(ids, augment=None):
-            rows = items.rows(ids)
+            rows = items.positions(ids)
             return CellDataset(items, rows, np.array([index[label_of[i]] for i in ids]), pre, conv, augment, train.seed)
 
         settings = {"model": model, "arch": built.arch, "weights_fingerprint": built.weights_fingerprint,
@@ -168,13 +174,13 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             continue
         if outcome.already_done:
             log(f"fold {k}: already trained (best epoch {outcome.best_epoch}); evaluating its checkpoint")
-        _load_best(built.model, fold_dir)
+        load_weights(built.model, fold_dir / WEIGHTS_FILE, f"{built.arch} with {len(classes)} classes")
         built.model.to(dev)  # a fold finished earlier was never moved to the device
         test_ds = dataset(fold.test)
         pred = predict(built.model, test_ds, dev, batch_size=train.batch_size * 2, workers=n_workers, amp=train.amp,
                        progress=progress, desc=f"test fold {k}")
         throughput.append((len(test_ds), pred.seconds))
-        rows = items.rows(fold.test)
+        rows = items.positions(fold.test)
         frames.append(predictions_frame(list(fold.test), list(items.groups[rows]), [label_of[i] for i in fold.test],
                                         pred.proba, classes, run=names[k]))
         plot_history({f"fold {k}": outcome.history}, fold_dir / CURVE_FILE,
@@ -198,7 +204,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             "hyperparameters": train.to_dict(), "augment": aug.to_dict() if aug else None,
             "best_epoch": [o.best_epoch for o in outcomes], "epochs_run": [len(o.history) for o in outcomes],
             "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "processes": ddp.world(),
-            "source": str(source),
+            "source": str(items.store.path if items.store is not None else source),
             "items_from": items.kind, "versions": _versions()}
     splits.save(out / "splits.json")
     record = write_results(out, pd.concat(frames, ignore_index=True), classes, info, title=name)
@@ -211,16 +217,9 @@ def _silent(_: str) -> None:
     """The log of processes other than rank 0."""
 
 
-def _load_best(model: torch.nn.Module, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / WEIGHTS_FILE))
-    model.load_state_dict(state, strict=True)
-
-
 def _discard(out: Path, n_folds: int) -> None:
     """--restart: remove a previous run's training state, history and checkpoint (results are rewritten)."""
     dirs = [out] if n_folds == 1 else [out / f"fold_{k}" for k in range(n_folds)]
     for d in dirs:
-        for f in (STATE_FILE, HISTORY_FILE, WEIGHTS_FILE, CONFIG_FILE, CURVE_FILE):
+        for f in (STATE_FILE, LEGACY_STATE_FILE, HISTORY_FILE, WEIGHTS_FILE, CONFIG_FILE, CURVE_FILE):
             (d / f).unlink(missing_ok=True)

@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..atomic import atomic_write_text
 from ..errors import EmbedkitError
+from ..items import as_store
 from ..results import predictions_frame, write_results
 from ..splits import PARTS, Fold, Splits, check_splits, make_splits
 from .data import ProbeData, load_probe_data
@@ -127,7 +129,7 @@ def _make_runs(data: ProbeData, use: np.ndarray, s: ProbeSettings) -> tuple[Spli
 
 def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) -> tuple[Splits, list[str]]:
     splits = Splits.load(path)
-    all_ids = set(map(str, _store_ids(data.store_path)))
+    all_ids = set(map(str, data.store.ids))
     have = set(data.ids)
     for k, f in enumerate(splits.folds):
         for part in PARTS:
@@ -152,12 +154,6 @@ def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) ->
     return Splits(folds, group_by=splits.group_by, seed=splits.seed, meta=splits.meta), list(names)
 
 
-def _store_ids(store_path: str) -> np.ndarray:
-    from ..store import Store
-
-    return Store(store_path).ids
-
-
 def _check_classes_in_train(splits: Splits, names: list[str], label_of: dict, classes: list[str],
                             groups_of_class: dict) -> None:
     for fold, name in zip(splits.folds, names):
@@ -177,17 +173,20 @@ def _check_classes_in_train(splits: Splits, names: list[str], label_of: dict, cl
 # --------------------------------------------------------------------------- the run
 
 
-def run_probe(store_path: str | os.PathLike, out: str | os.PathLike, *, key: str | None = None,
+def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
               group_by: str | None = None, splits_path: str | None = None, settings: ProbeSettings | None = None,
               progress: bool = True) -> ProbeReport:
-    """Fit and evaluate every requested head on every run; write result folders and saved probes to ``out``."""
+    """Fit and evaluate every requested head on every run; write result folders and saved probes to ``out``.
+
+    ``store`` is a :class:`~embedkit.store.Store` or the path of one (opened once, here).
+    """
     s = settings or ProbeSettings()
     heads = parse_heads(s.heads)
     if s.balance not in BALANCE_MODES:
         raise EmbedkitError(f"unknown --balance {s.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
     if splits_path and (s.seeds > 1 or s.folds):
         raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
-    data = load_probe_data(str(store_path), key, group_by)
+    data = load_probe_data(as_store(store), key, group_by)
     notes = list(data.notes)
     classes, use, class_notes = _classes(data, s.classes)
     notes += class_notes
@@ -199,16 +198,15 @@ def run_probe(store_path: str | os.PathLike, out: str | os.PathLike, *, key: str
     groups_of_class = {c: len(set(data.groups[use & (data.labels == c)])) for c in classes}
     _check_classes_in_train(splits, names, label_of, classes, groups_of_class)
     notes += check_splits(splits, dict(zip(data.ids, data.groups)), label_of)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits.save(out / "splits.json")
-
     # load only what any run needs: its split items plus the unlabelled items (predicted, never scored)
     pos_of = {i: p for p, i in enumerate(data.ids)}
     needed = sorted({pos_of[i] for f in splits.folds for p in PARTS for i in f.part(p)}
                     | set(np.flatnonzero(data.labels == "").tolist()))
     needed = np.asarray(needed, dtype=np.int64)
-    x = data.vectors(needed)
+    x = data.vectors(needed)  # refuses NaN rows before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits.save(out / "splits.json")
     local = {int(p): j for j, p in enumerate(needed)}
     class_index = {c: k for k, c in enumerate(classes)}
     y = np.array([class_index.get(data.labels[p], -1) for p in needed], dtype=np.int64)
@@ -238,7 +236,7 @@ def run_probe(store_path: str | os.PathLike, out: str | os.PathLike, *, key: str
         h["probe"].save(folder / "probe")
         results.append(HeadResult(head=head, folder=folder, record=record, probe=h["probe"]))
     report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out)
-    _atomic_text(out / "summary.md", summary_markdown(report))
+    atomic_write_text(out / "summary.md", summary_markdown(report))
     return report
 
 
@@ -335,12 +333,6 @@ def _info(data: ProbeData, head: str, splits: Splits, h: dict, s: ProbeSettings,
 
 
 # --------------------------------------------------------------------------- summaries
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _chosen_text(r: HeadResult) -> str:

@@ -14,13 +14,15 @@ from typing import Iterator
 
 import numpy as np
 
+from ..formats.lazy import is_large_field
+from ..formats.tiled_patches import large_field_patches
 from .. import store as st
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
 from .fields import Field, load_field
-from .filters import LearnedFilter, SimpleFilter
+from .filters import LearnedFilter, SimpleFilter, decide
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
 from .pipeline import fail_or_record, sidecar
@@ -111,11 +113,12 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
                     device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                    report_path: str | None = None, engine=None) -> PatchResult:
+                    report_path: str | None = None, checkpoint_fields: int | None = None, engine=None) -> PatchResult:
     """Cut every field of ``source`` into patches in the store (resuming an interrupted run).
 
     ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
-    cuts and filters them in its actor pool, each worker writing shards of the same run, committed here."""
+    cuts and filters them in its actor pool, each worker writing shards of the same run (``checkpoint_fields``
+    fields per shard), committed here."""
     from tqdm.auto import tqdm
 
     store_path = str(store_path)
@@ -136,20 +139,20 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
             _, res.failed = engine.map_fields(
                 todo, PatchLoader(where, conv, paired),
                 PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
-                device=device if isinstance(filt, LearnedFilter) else "cpu", progress=progress, total=len(source.items),
-                initial=res.n_resumed)
+                device=device if isinstance(filt, LearnedFilter) else "cpu", fields_per_block=checkpoint_fields,
+                progress=progress, total=len(source.items), initial=res.n_resumed)
         else:
             bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
                        dynamic_ncols=True, file=sys.stderr)
-            shards = storeio.FieldShards(run)
+            shards = storeio.FieldShards(run, checkpoint_fields)
             try:
                 for k, item in todo:
                     _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad,
                                res.failed)
                     bar.update(1)
                 shards.flush()
-            except KeyboardInterrupt:
-                shards.flush()  # whole fields only, so keeping them is safe
+            except BaseException:
+                shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
                 raise
             finally:
                 bar.close()
@@ -196,8 +199,11 @@ class PatchLoader:
     conv: Conversion
     paired: PairedChannel | None
 
-    def __call__(self, k: int, item: Item) -> tuple[Field, np.ndarray | None]:
-        fld = load_field(self.source.abspath(item), self.conv)
+    def __call__(self, k: int, item: Item) -> tuple[Field, np.ndarray | None] | None:
+        path = self.source.abspath(item)
+        if is_large_field(path):  # read tile by tile where it is cut, never whole
+            return None
+        fld = load_field(path, self.conv)
         return fld, self.paired.plane(self.source, item, fld.raw) if self.paired is not None else None
 
 
@@ -223,6 +229,16 @@ class PatchCutter:
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
                paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
                failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None = None) -> None:
+    path = source.abspath(item)
+    if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
+        try:
+            got = large_field_patches(path, size, stride, conv=conv, filt=filt, paired=paired, device=device,
+                                      batch_size=batch_size)
+        except BadImageError as exc:
+            fail_or_record(exc.path, exc.reason, skip_bad, failed)
+            return
+        shards.add(k, item.id, {"n_windows": int(got.pop("n_windows")[0])}, got)
+        return
     try:
         if isinstance(loaded, BadImageError):
             raise loaded
@@ -233,17 +249,8 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)
-    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
     background = float(np.median(SimpleFilter.gray(rgb[None])[0]))
-    fg, sd = simple.measure(patches, background)
-    score = np.full(len(patches), np.nan, np.float32)
-    if isinstance(filt, SimpleFilter):
-        keep = filt.keep(patches, background)
-    elif isinstance(filt, LearnedFilter):
-        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
-        keep = score > 0
-    else:
-        keep = np.ones(len(patches), bool)
+    fg, sd, score, keep = decide(filt, patches, background, device, batch_size)
     means = window_means(plane, offsets[keep], size) if plane is not None else np.full(int(keep.sum()), np.nan)
     shards.add(k, item.id, {"n_windows": len(patches)},
                {"offset": offsets[keep], "foreground": fg[keep], "std": sd[keep], "filter_score": score[keep],

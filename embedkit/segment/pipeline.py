@@ -24,6 +24,8 @@ from . import outputs, storeio
 from .backends import Segmenter
 from .crops import CropParams, crop_cells
 from .fields import Field, load_field
+from ..formats.lazy import is_large_field, large_labels_path
+from ..formats.tiled import segment_large_field
 
 RUN_KIND = "segment"
 CELL_COLUMNS = ("mask_id", "bbox", "centroid", "area", "edge", "scale", "crop_box")
@@ -66,7 +68,7 @@ def fail_or_record(path: str, reason: str, skip_bad: bool, failed: list[tuple[st
 
 def _pixel_size(item: Item, default: float | None) -> float | None:
     raw = item.meta.get("pixel_size", "")
-    if raw:
+    if raw and raw != "unknown":  # microscopy files record 'unknown' when their metadata has no pixel size
         try:
             return float(raw)
         except ValueError:
@@ -78,11 +80,12 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
                    *, conv: Conversion = Conversion(), seg_channels: tuple[int, ...] | None = None,
                    pixel_size: float | None = None, labels_dir: str | None = None, overlays: int = 0,
                    skip_bad: bool = False, progress: bool = True, report_path: str | None = None,
-                   engine=None) -> SegmentResult:
+                   checkpoint_fields: int | None = None, engine=None) -> SegmentResult:
     """Segment every field of ``source`` into cells in the store (resuming an interrupted run).
 
     ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
-    segments them in its actor pool, each worker writing shards of the same run, committed here."""
+    segments them in its actor pool, each worker writing shards of the same run (``checkpoint_fields`` fields per
+    shard), committed here."""
     from tqdm.auto import tqdm
 
     store_path = str(store_path)
@@ -104,19 +107,19 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
                 todo, FieldLoader(where, conv, seg_channels),
                 FieldCutter(where, segmenter, crop, conv, seg_channels, pixel_size, labels_dir, overlays_dir, overlays,
                             skip_bad), run, desc=f"segment ({segmenter.name})", device=getattr(segmenter, "device", "cpu"),
-                progress=progress, total=len(source.items), initial=n_resumed)
+                fields_per_block=checkpoint_fields, progress=progress, total=len(source.items), initial=n_resumed)
         else:
             bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
                        disable=not progress, dynamic_ncols=True, file=sys.stderr)
-            shards = storeio.FieldShards(run)
+            shards = storeio.FieldShards(run, checkpoint_fields)
             try:
                 for k, item in todo:
                     n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards,
                                           labels_dir, overlays_dir if k < overlays else None, skip_bad, failed)
                     bar.update(1)
                 shards.flush()
-            except KeyboardInterrupt:
-                shards.flush()  # whole fields only, so keeping them is safe
+            except BaseException:
+                shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
                 raise
             finally:
                 bar.close()
@@ -141,8 +144,11 @@ class FieldLoader:
     conv: Conversion
     seg_channels: tuple[int, ...] | None
 
-    def __call__(self, k: int, item: Item) -> Field:
-        return load_field(self.source.abspath(item), self.conv, self.seg_channels)
+    def __call__(self, k: int, item: Item) -> Field | None:
+        path = self.source.abspath(item)
+        if is_large_field(path):  # read tile by tile where it is segmented, never whole
+            return None
+        return load_field(path, self.conv, self.seg_channels)
 
 
 @dataclass
@@ -172,6 +178,14 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
     """Load (unless ``fld`` is given), segment and crop one field, then hand it to the run's shards; returns the
     number of objects segmented."""
     path = source.abspath(item)
+    if is_large_field(path):  # read and segment tile by tile with bounded memory (embedkit.formats.tiled)
+        try:
+            cells = segment_large_field(path, segmenter, crop, conv=conv, seg_channels=seg_channels, progress=False,
+                                        pixel_size=_pixel_size(item, pixel_size), labels_path=large_labels_path(labels_dir, item.id))
+        except BadImageError as exc:
+            fail_or_record(path, exc.reason, skip_bad, failed)
+            return 0
+        return _shard_cells(shards, item, k, cells)
     try:
         if isinstance(fld, BadImageError):
             raise fld
@@ -193,6 +207,11 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
     outputs.save_labels(labels_dir, item.id, labels)
     if overlay_dir:
         outputs.save_overlay(overlay_dir, item.id, rgb, labels, cells.cells.mask_id)
+    return _shard_cells(shards, item, k, cells)
+
+
+def _shard_cells(shards: storeio.FieldShards, item: Item, k: int, cells) -> int:
+    """Hand one field's crops and their columns to the run's shards; returns the number of objects found."""
     c = cells.cells
     shards.add(k, item.id, {"n_found": int(cells.n_found)},
                {"mask_id": c.mask_id, "bbox": c.bbox, "centroid": c.centroid, "area": c.area, "edge": c.edge,

@@ -120,12 +120,12 @@ class FieldRef:
 class FieldShards:
     """Buffers finished fields (per-row arrays, crops last) and writes them as shards of a run.
 
-    A shard is written when the buffer holds ``flush_bytes`` or ``flush_seconds`` have passed since the
-    last one, so a killed run loses at most that much work; crops are written once, here.
+    A shard is written when the buffer holds ``max_fields`` fields or ``flush_bytes``, or ``flush_seconds``
+    have passed since the last one, so a killed run loses at most that much work; crops are written once, here.
     """
 
-    def __init__(self, run: st.Run, flush_bytes: int = 64 << 20, flush_seconds: float = 20.0):
-        self.run, self.flush_bytes, self.flush_seconds = run, flush_bytes, flush_seconds
+    def __init__(self, run: st.Run, max_fields: int | None = None, flush_bytes: int = 64 << 20, flush_seconds: float = 20.0):
+        self.run, self.max_fields, self.flush_bytes, self.flush_seconds = run, max_fields, flush_bytes, flush_seconds
         self._fields: list[tuple[int, str, dict[str, int], dict[str, np.ndarray]]] = []
         self._bytes = 0
         self._last = time.monotonic()
@@ -133,7 +133,8 @@ class FieldShards:
     def add(self, index: int, field_id: str, info: dict[str, int], rows: dict[str, np.ndarray]) -> None:
         self._fields.append((index, field_id, info, rows))
         self._bytes += sum(np.asarray(v).nbytes for v in rows.values())
-        if self._bytes >= self.flush_bytes or time.monotonic() - self._last >= self.flush_seconds:
+        if (self._bytes >= self.flush_bytes or time.monotonic() - self._last >= self.flush_seconds
+                or (self.max_fields and len(self._fields) >= self.max_fields)):
             self.flush()
 
     def flush(self) -> None:

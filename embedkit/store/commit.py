@@ -9,8 +9,8 @@ failed silently is never reported as success.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,57 +42,57 @@ def transaction(path: str | os.PathLike, *, rebuild_without: Callable[[str], boo
     A new store is created with the schema attributes. On an exception, or a crash at any point, the
     original file is untouched. Schema-1 stores are refused with the upgrade command. ``rebuild_without``
     (used by upgrade) writes a fresh file that leaves out the datasets it names instead of copying the file.
+    The new main file is built in memory and written by plain file I/O, so a full disk is one clean error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    buf = io.BytesIO()
+    if path.exists() and rebuild_without is None:
+        if schema_version(path) < SCHEMA_VERSION:
+            raise EmbedkitError(upgrade_message(path))
+        buf.write(path.read_bytes())
+        buf.seek(0)
+    f = h5py.File(buf, "r+" if buf.getbuffer().nbytes else "w")
     try:
-        if path.exists():
-            if rebuild_without is not None:
-                f = h5py.File(tmp, "w")
-                with h5py.File(path, "r") as src:
-                    copy_tree(src, f, rebuild_without)
-            else:
-                if schema_version(path) < SCHEMA_VERSION:
-                    raise EmbedkitError(upgrade_message(path))
-                shutil.copyfile(path, tmp)
-                f = h5py.File(tmp, "r+")
-        else:
-            f = h5py.File(tmp, "w")
+        if path.exists() and rebuild_without is not None:
+            with h5py.File(path, "r") as src:
+                copy_tree(src, f, rebuild_without)
+        if "created" not in f.attrs:
             f.attrs["created"] = now_iso()
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["embedkit_version"] = __version__
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        err = disk_error(exc, path)
-        if err is not None:
-            raise err from None
-        raise
-    try:
         yield f
         f.attrs["modified"] = now_iso()
-        f.flush()
         f.close()
-        fault("commit:written", tmp)
+        write_verified(path, buf.getbuffer())
+    finally:
+        with contextlib.suppress(Exception):
+            f.close()
+    fault("commit:renamed", path)
+
+
+def write_verified(path: Path, data) -> None:
+    """Write a main file image to a temp name, read it back as a store, then fsync and rename it over ``path``."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            fault("commit:written", tmp)
+            os.fsync(fh.fileno())
         problem = verify_main(tmp, folder_of(path))
         if problem:
             raise EmbedkitError(f"disk full or I/O error while writing {path} (the new copy {problem}); "
                                 f"nothing was lost; free space and re-run")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
-        with contextlib.suppress(Exception):
-            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         err = disk_error(exc, path)
         if err is not None:
             raise err from None
         raise
-    fault("commit:renamed", path)
 
 
 def verify_main(path: Path, default_folder: Path) -> str | None:
@@ -126,7 +126,6 @@ def verify_main(path: Path, default_folder: Path) -> str | None:
 
 
 def _row_aligned(name: str) -> bool:
-    """Datasets with one row per item."""
+    """Datasets with one row per item (views keep the row count they were made for, and go stale)."""
     parts = name.split("/")
-    return (parts[0] == "items" or name == "pixels" or (parts[0] == "embeddings" and parts[-1] in ("vectors", "done"))
-            or (parts[0] == "views" and len(parts) == 3))
+    return parts[0] == "items" or name == "pixels" or (parts[0] == "embeddings" and parts[-1] in ("vectors", "done"))

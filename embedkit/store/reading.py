@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import EmbedkitError
 from .rows import key_config
 from .schema import ITEM_FIELDS, key_for, schema_version
-from .shards import RowReader
+from .shards import CHUNK_CACHE, RowReader
 
 #: Up to this many rows, ``Store.vectors`` reads the rows asked for instead of scanning blocks.
 FANCY_READ_LIMIT = 4096
@@ -69,7 +69,7 @@ class Store:
                 self.close()
             else:  # a forked child must not touch its parent's HDF5 handles
                 self._f, self._readers = None, {}
-            self._f = h5py.File(self.path, "r")
+            self._f = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE)
             self._stamp = stamp
         return self._f
 
@@ -193,7 +193,10 @@ class Store:
             step = max(1, 2 ** 26 // max(1, dim * r.dtype.itemsize))
             for s in range(start, stop, step):
                 e = min(stop, s + step)
-                out[s - start:e - start] = r.read_slice(s, e)
+                if out.dtype == r.dtype:
+                    r.read_slice(s, e, out[s - start:e - start])
+                else:
+                    out[s - start:e - start] = r.read_slice(s, e)
             return out
         rows = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
@@ -238,6 +241,11 @@ class Store:
             start, stop, _ = rows.indices(r.shape[0])
             return r.read_slice(start, stop)
         rows = np.arange(r.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < -r.shape[0] or rows.max() >= r.shape[0]):
+            raise IndexError(f"pixel rows out of range for {r.shape[0]} rows")
+        rows = np.where(rows < 0, rows + r.shape[0], rows)
+        if np.all(np.diff(rows) > 0):  # already sorted and unique: no reordering copy
+            return r.read_rows(rows)
         uniq, inverse = np.unique(rows, return_inverse=True)
         return r.read_rows(uniq)[inverse.ravel()]
 
@@ -250,13 +258,25 @@ class Store:
         ds = f["views"][key][method]
         return ds[:], {k: _decode(v) for k, v in ds.attrs.items()}
 
+    def views(self, key: str) -> dict[str, np.ndarray]:
+        """Every saved 2-D view of ``key``: method -> float32 [N, 2] coordinates."""
+        f = self._h5()
+        if "views" not in f or key not in f["views"]:
+            return {}
+        return {method: ds[:] for method, ds in f["views"][key].items()}
+
+    def segment_attrs(self) -> dict[str, Any]:
+        """The raw attributes segment/patches recorded (JSON ones as text); empty when it made no part of the store."""
+        f = self._h5()
+        return {k: _decode(v) for k, v in f["segment"].attrs.items()} if "segment" in f else {}
+
     def segment_record(self) -> dict | None:
         """What segment/patches recorded (command, config, fields done, failed, attributes), or None."""
         f = self._h5()
         if "segment" not in f:
             return None
         g = f["segment"]
-        rec = {k: _decode(v) for k, v in g.attrs.items()}
+        rec = self.segment_attrs()
         rec["fields"] = list(g["fields"].asstr()[:]) if "fields" in g else []
         rec["failed"] = g["failed"].asstr()[:].tolist() if "failed" in g else []
         for k in ("config", "gmm_thresholds"):
