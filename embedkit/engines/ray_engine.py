@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import BadImageError, EmbedkitError
+from ..errors import EmbedkitError
 from ..store.faults import fault
+from .local import load_or_error
 
 #: The environment variable whose value the workers receive as ``EMBEDKIT_FAULT`` (crash tests of the workers).
 WORKER_FAULT_ENV = "EMBEDKIT_WORKER_FAULT"
@@ -177,13 +178,7 @@ class EmbedActor:
 def load_fields(batch: dict, loader: Callable) -> dict:
     """Ray Data task: load one block of fields with the pipeline's ``loader`` (a field, or the BadImageError)."""
     block, fields = _unpack(batch)
-    loaded = []
-    for k, item in fields:
-        try:
-            loaded.append(loader(k, item))
-        except BadImageError as exc:
-            loaded.append(exc)
-    return _one_row(payload=_pack((block, fields, loaded)))
+    return _one_row(payload=_pack((block, fields, [load_or_error(loader, k, item) for k, item in fields])))
 
 
 class FieldActor:

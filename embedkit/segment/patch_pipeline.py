@@ -7,7 +7,6 @@ assigned at commit, after the mixture is fitted on every patch of the run (or ta
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -17,6 +16,7 @@ import numpy as np
 from ..formats.lazy import is_large_field
 from ..formats.tiled_patches import large_field_patches
 from .. import store as st
+from ..engines.local import LocalEngine
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
@@ -119,8 +119,6 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
     ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
     cuts and filters them in its actor pool, each worker writing shards of the same run (``checkpoint_fields``
     fields per shard), committed here."""
-    from tqdm.auto import tqdm
-
     store_path = str(store_path)
     t0 = time.perf_counter()
     if size < 8 or stride < 1:
@@ -134,28 +132,12 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
-        if engine is not None and todo:
-            where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
-            _, res.failed = engine.map_fields(
-                todo, PatchLoader(where, conv, paired),
-                PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
-                device=device if isinstance(filt, LearnedFilter) else "cpu", fields_per_block=checkpoint_fields,
-                progress=progress, total=len(source.items), initial=res.n_resumed)
-        else:
-            bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
-                       dynamic_ncols=True, file=sys.stderr)
-            shards = storeio.FieldShards(run, checkpoint_fields)
-            try:
-                for k, item in todo:
-                    _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad,
-                               res.failed)
-                    bar.update(1)
-                shards.flush()
-            except BaseException:
-                shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
-                raise
-            finally:
-                bar.close()
+        where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+        _, res.failed = (engine or LocalEngine()).map_fields(
+            todo, PatchLoader(where, conv, paired),
+            PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
+            device=device if isinstance(filt, LearnedFilter) else "cpu", fields_per_block=checkpoint_fields,
+            progress=progress, total=len(source.items), initial=res.n_resumed)
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         attrs = {}
@@ -193,7 +175,7 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
 
 @dataclass(frozen=True)
 class PatchLoader:
-    """Loads one field and its paired plane (or returns why they cannot be read) where fields are decoded: a Ray task."""
+    """Loads one field and its paired plane where fields are decoded (this process, or a Ray task)."""
 
     source: Source
     conv: Conversion
@@ -209,7 +191,7 @@ class PatchLoader:
 
 @dataclass
 class PatchCutter:
-    """Cuts and filters one loaded field into the run's shards where the filter lives: a Ray actor."""
+    """Cuts and filters one loaded field into the run's shards where the filter lives (this process, or a Ray actor)."""
 
     source: Source
     size: int
@@ -228,7 +210,8 @@ class PatchCutter:
 
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
                paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
-               failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None = None) -> None:
+               failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None) -> None:
+    """Cut and filter one field loaded by :class:`PatchLoader` (None for a large field, read here tile by tile)."""
     path = source.abspath(item)
     if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
         try:
@@ -239,13 +222,10 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
             return
         shards.add(k, item.id, {"n_windows": int(got.pop("n_windows")[0])}, got)
         return
-    try:
-        if isinstance(loaded, BadImageError):
-            raise loaded
-        fld, plane = loaded if loaded is not None else PatchLoader(source, conv, paired)(k, item)
-    except BadImageError as exc:
-        fail_or_record(exc.path, exc.reason, skip_bad, failed)
+    if isinstance(loaded, BadImageError):
+        fail_or_record(loaded.path, loaded.reason, skip_bad, failed)
         return
+    fld, plane = loaded
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)

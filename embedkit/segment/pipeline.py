@@ -9,7 +9,6 @@ already written.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -17,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import store as st
+from ..engines.local import LocalEngine
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, to_uint8
 from ..sources import Item, Source
@@ -86,8 +86,6 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
     ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
     segments them in its actor pool, each worker writing shards of the same run (``checkpoint_fields`` fields per
     shard), committed here."""
-    from tqdm.auto import tqdm
-
     store_path = str(store_path)
     t0 = time.perf_counter()
     config = run_config(segmenter, crop, conv, seg_channels, pixel_size)
@@ -99,30 +97,12 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
         done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         n_resumed = len(source.items) - len(todo)
-        failed: list[tuple[str, str]] = []
-        n_found = 0
-        if engine is not None and todo:
-            where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
-            n_found, failed = engine.map_fields(
-                todo, FieldLoader(where, conv, seg_channels),
-                FieldCutter(where, segmenter, crop, conv, seg_channels, pixel_size, labels_dir, overlays_dir, overlays,
-                            skip_bad), run, desc=f"segment ({segmenter.name})", device=getattr(segmenter, "device", "cpu"),
-                fields_per_block=checkpoint_fields, progress=progress, total=len(source.items), initial=n_resumed)
-        else:
-            bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
-                       disable=not progress, dynamic_ncols=True, file=sys.stderr)
-            shards = storeio.FieldShards(run, checkpoint_fields)
-            try:
-                for k, item in todo:
-                    n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards,
-                                          labels_dir, overlays_dir if k < overlays else None, skip_bad, failed)
-                    bar.update(1)
-                shards.flush()
-            except BaseException:
-                shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
-                raise
-            finally:
-                bar.close()
+        where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+        n_found, failed = (engine or LocalEngine()).map_fields(
+            todo, FieldLoader(where, conv, seg_channels),
+            FieldCutter(where, segmenter, crop, conv, seg_channels, pixel_size, labels_dir, overlays_dir, overlays, skip_bad),
+            run, desc=f"segment ({segmenter.name})", device=getattr(segmenter, "device", "cpu"),
+            fields_per_block=checkpoint_fields, progress=progress, total=len(source.items), initial=n_resumed)
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         report = str(outputs.write_failures(report_path or sidecar(store_path, ".segment-failed.csv"), failed)) if failed else None
@@ -138,7 +118,7 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
 
 @dataclass(frozen=True)
 class FieldLoader:
-    """Loads one field (or returns why it cannot be read) where fields are decoded: a Ray task."""
+    """Loads one field where fields are decoded (this process, or a Ray task); raises BadImageError when it cannot."""
 
     source: Source
     conv: Conversion
@@ -153,7 +133,7 @@ class FieldLoader:
 
 @dataclass
 class FieldCutter:
-    """Segments and crops one loaded field into the run's shards where the segmenter lives: a Ray actor."""
+    """Segments and crops one loaded field into the run's shards where the segmenter is (here, or a Ray actor)."""
 
     source: Source
     segmenter: Segmenter
@@ -174,9 +154,9 @@ class FieldCutter:
 
 def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: CropParams, conv: Conversion,
                seg_channels, pixel_size, shards: storeio.FieldShards, labels_dir: str, overlay_dir: str | None,
-               skip_bad: bool, failed: list, fld: Field | BadImageError | None = None) -> int:
-    """Load (unless ``fld`` is given), segment and crop one field, then hand it to the run's shards; returns the
-    number of objects segmented."""
+               skip_bad: bool, failed: list, fld: Field | BadImageError | None) -> int:
+    """Segment and crop one field loaded by :class:`FieldLoader` (None for a large field, read here tile by tile),
+    then hand it to the run's shards; returns the number of objects segmented."""
     path = source.abspath(item)
     if is_large_field(path):  # read and segment tile by tile with bounded memory (embedkit.formats.tiled)
         try:
@@ -186,12 +166,8 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
             fail_or_record(path, exc.reason, skip_bad, failed)
             return 0
         return _shard_cells(shards, item, k, cells)
-    try:
-        if isinstance(fld, BadImageError):
-            raise fld
-        fld = fld if fld is not None else load_field(path, conv, seg_channels)
-    except BadImageError as exc:
-        fail_or_record(path, exc.reason, skip_bad, failed)
+    if isinstance(fld, BadImageError):
+        fail_or_record(path, fld.reason, skip_bad, failed)
         return 0
     try:
         labels = np.asarray(segmenter.segment(fld.seg))
