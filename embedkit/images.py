@@ -203,10 +203,12 @@ def _rescale(plane: np.ndarray, conv: Conversion) -> np.ndarray:
     return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image") -> np.ndarray:
+def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image", keep_uint8: bool = False) -> np.ndarray:
     """Convert an (H, W, C) raw array to float32 RGB in [0, 1] following ``conv``.
 
     Grayscale is replicated, RGBA drops alpha, and any other channel count needs ``conv.channels``.
+    ``keep_uint8``: 8-bit input that maps linearly (value / 255) stays uint8, so the division can happen
+    later on the encoder's device (the result divided by 255 equals the float32 output exactly).
     """
     if arr.ndim != 3:
         arr = _to_hwc(arr, path)
@@ -215,20 +217,26 @@ def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image"
         from .formats import resolve_channel_names
 
         conv = Conversion(resolve_channel_names(conv.channels, path), conv.percentiles, conv.rescale_8bit)
+    raw = keep_uint8 and arr.dtype == np.uint8 and not conv.rescale_8bit
+    dtype = np.uint8 if raw else np.float32
+
+    def rescale(plane: np.ndarray) -> np.ndarray:
+        return plane if raw else _rescale(plane, conv)
+
     if conv.channels is not None:
         bad = [i for i in conv.channels if i is not None and i >= c]
         if bad:
             raise BadImageError(path, f"has {c} channel(s) but --channels asks for channel {bad[0]}")
-        planes = [np.zeros(arr.shape[:2], np.float32) if i is None else _rescale(arr[:, :, i], conv) for i in conv.channels]
+        planes = [np.zeros(arr.shape[:2], dtype) if i is None else rescale(arr[:, :, i]) for i in conv.channels]
         return np.stack(planes, axis=-1)
     if c == 1:
-        g = _rescale(arr[:, :, 0], conv)
+        g = rescale(arr[:, :, 0])
         return np.stack([g, g, g], axis=-1)
     if c == 2 and arr.dtype == np.uint8:  # PIL 'LA': gray + alpha
-        g = _rescale(arr[:, :, 0], conv)
+        g = rescale(arr[:, :, 0])
         return np.stack([g, g, g], axis=-1)
     if c in (3, 4):
-        return np.stack([_rescale(arr[:, :, i], conv) for i in range(3)], axis=-1)
+        return np.stack([rescale(arr[:, :, i]) for i in range(3)], axis=-1)
     raise BadImageError(path, f"has {c} channels; pass --channels to map them to RGB, e.g. --channels 0,1,2 or --channels 1,0,-")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
 
+from ..engines.options import engine_options
 from ..formats.options import expand_source, plane_options
 
 
@@ -27,10 +29,12 @@ from ..formats.options import expand_source, plane_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or missing images and list them in a report, instead of stopping.")
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @plane_options()
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, quiet, z_rule, t_frames, target_pixel_size):
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet, z_rule,
+          t_frames, target_pixel_size):
     """Embed images with a frozen encoder into an HDF5 store.
 
     \b
@@ -44,6 +48,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     """
     from ..embed import embed as run_embed
     from ..encoders import create_encoder
+    from ..engines.options import engine_from_options
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..sources import discover
     from ..store import validate_key, write_lock
@@ -59,10 +64,12 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         labelled = sum(bool(it.label) for it in src.items)
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
-    with write_lock(store_path):  # a second writer is refused before the model loads
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
         enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
-                        dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet)
+                        dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet,
+                        engine=runner)
     msg = (f"embedded {res.n_embedded} images into {res.store} under key '{res.key}' "
            f"({res.images_per_second:.1f} img/s, dim {enc.dim})")
     if res.n_resumed:

@@ -38,12 +38,15 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--no-amp", is_flag=True, help="Full precision on GPU (mixed precision is the default there).")
 @click.option("--workers", type=click.IntRange(0), help="Image decoding workers [default: 0 on CPU, up to 8 on GPU].")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
+              help="Train with DistributedDataParallel in N processes (torchrun): one per GPU (NCCL), or gloo on CPU. "
+                   "--batch-size is per process.")
 @click.option("--name", help="Row name in 'embedkit compare' [default: '<model> fine-tuned'].")
 @click.option("--restart", is_flag=True, help="Discard an interrupted or finished run in --out and train from scratch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def finetune(source, model, out, splits_file, group_by, folds, test_size, val_size, seed, fold, weights, random_init,
              image_size, epochs, batch_size, lr, weight_decay, warmup_epochs, patience, balance, samples_per_epoch,
-             no_augment, label_smoothing, channels, percentiles, device, no_amp, workers, name, restart, quiet):
+             no_augment, label_smoothing, channels, percentiles, device, no_amp, workers, nproc, name, restart, quiet):
     """Fine-tune a whole timm network on labelled images, on the same group splits as the probes.
 
     \b
@@ -64,14 +67,24 @@ def finetune(source, model, out, splits_file, group_by, folds, test_size, val_si
                       patience=patience, balance=balance, samples_per_epoch=samples_per_epoch, augment=not no_augment,
                       label_smoothing=label_smoothing, seed=seed, amp=not no_amp)
     opts = SplitOptions(splits_file, test_size, val_size, folds, seed, group_by)
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     res = run_finetune(source, out, model, split_opts=opts, train=cfg, weights=weights, pretrained=not random_init,
                        image_size=image_size, conv=conv, folds=list(fold) or None, device=device, workers=workers,
-                       name=name, restart=restart, progress=not quiet, log=log)
+                       name=name, restart=restart, progress=not quiet, log=_quiet if quiet else _echo, nproc=nproc)
+    if not res.record:  # a process other than rank 0 of --nproc: rank 0 reports
+        return
     m, ci = res.record["metrics"], res.record["ci"]
     click.echo(f"{res.record['name']}: balanced accuracy {m['balanced_accuracy']:.3f} "
                f"[{ci['balanced_accuracy'][0]:.3f}, {ci['balanced_accuracy'][1]:.3f}] on {m['n']} test items; "
                f"trained {res.record['fit_seconds']:.0f}s; results in {res.out}")
+
+
+def _echo(line: str) -> None:
+    """Progress lines on stderr (a module-level function, so --nproc can hand it to its processes)."""
+    click.echo(line, err=True)
+
+
+def _quiet(_: str) -> None:
+    """No progress lines (--quiet)."""
 
 
 @click.command()

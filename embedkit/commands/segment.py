@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
+from ..engines.options import engine_from_options, engine_options
 from ..formats.options import expand_source, plane_options
 
 _FIELDS_HELP = """
@@ -68,11 +71,13 @@ def _refuse_unused_options(backend: str) -> None:
 @click.option("--overlays", default=0, show_default=True, type=click.IntRange(0), help="Save outline PNGs of the first N fields in <store>_overlays/.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read or segmented, and list them in a report, instead of stopping.")
 @click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 @plane_options(pixel_size=False)
 def segment(fields, store_path, backend, model, diameter, channels, seg_channels, percentiles, polarity, flow_threshold,
             cellprob_threshold, min_size, batch_size, device, crop_size, mask, scale_spec, pixel_size, edge, min_area,
-            max_area, group_by, labels_dir, overlays, skip_bad, checkpoint_fields, quiet, z_rule, t_frames):
+            max_area, group_by, labels_dir, overlays, skip_bad, checkpoint_fields, engine, address, replicas, quiet, z_rule,
+            t_frames):
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.backends import create_segmenter
     from ..segment.crops import CropParams, ScaleSpec
@@ -90,13 +95,14 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
                    f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
-    with write_lock(store_path):  # a second writer is refused before the model loads
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
         segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
                                      flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
                                      polarity=polarity)
         res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
                              labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet,
-                             checkpoint_fields=checkpoint_fields)
+                             checkpoint_fields=checkpoint_fields, engine=runner)
     msg = (f"segmented {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields with {backend} "
            f"({res.n_resumed} already done, {len(res.failed)} failed): {res.n_cells} cells added to {res.store}; "
            f"{res.n_found} objects found at {res.cells_per_second:.1f} objects/s; label TIFFs in {res.labels_dir}")
@@ -143,12 +149,13 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
 @click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
 @plane_options()
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
-            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, checkpoint_fields, quiet, z_rule, t_frames,
-            target_pixel_size):
+            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, checkpoint_fields, engine, address, replicas,
+            quiet, z_rule, t_frames, target_pixel_size):
     from ..errors import EmbedkitError
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.filters import LearnedFilter, make_filter
@@ -175,7 +182,8 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
     src = expand_source(src, z_rule, t_frames, target_pixel_size, group_by, skip_bad, quiet)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
-    with write_lock(store_path):  # a second writer is refused before the filter's model loads
+    runner = engine_from_options(engine, address, replicas)
+    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the filter's model loads
         filt = make_filter(filter_name, min_foreground=min_foreground, min_std=min_std, delta=fg_delta, model_dir=filter_model,
                            examples=filter_examples, encoder=filter_encoder, conv=conv, device=device, batch_size=batch_size)
         if isinstance(filt, LearnedFilter) and filter_examples:
@@ -183,7 +191,8 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
                        f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
         res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
                               thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
-                              batch_size=batch_size, skip_bad=skip_bad, progress=not quiet, checkpoint_fields=checkpoint_fields)
+                              batch_size=batch_size, skip_bad=skip_bad, progress=not quiet, checkpoint_fields=checkpoint_fields,
+                              engine=runner)
     msg = (f"cut {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields ({res.n_resumed} already done, "
            f"{len(res.failed)} failed) into {res.n_windows} patches: {res.n_empty} empty, {res.n_written} added to {res.store}")
     if res.thresholds is not None:

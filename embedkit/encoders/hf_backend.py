@@ -74,7 +74,15 @@ def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_
         return build_timm(replace(spec, arch=spec.local_arch), weights, pooling, image_size, pretrained)
     source = str(Path(weights).parent if weights and os.path.isfile(weights) else (weights or spec.arch))
     preprocess = _processor_preprocess(source, spec.preprocess) if os.path.isdir(source) else spec.preprocess
-    model = _load_hf(spec, source, pretrained)
+    try:
+        model = _load_hf(spec, source, pretrained)
+    except WeightsNotFoundError:
+        if pretrained or weights is not None or spec.local_arch is None:
+            raise
+        # a random network needs no download: the same architecture from timm's built-in configuration
+        from .timm_backend import build_timm
+
+        return build_timm(replace(spec, arch=spec.local_arch), None, pooling, image_size, False)
     cfg = model.config
     num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
     dim = _hf_dim(cfg, pooling or spec.pooling)

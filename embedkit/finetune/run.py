@@ -26,6 +26,7 @@ from ..errors import EmbedkitError
 from ..images import Conversion
 from ..splits import Splits, check_splits, make_splits
 from ..items import ItemSet
+from . import ddp
 from .data import Augment, CellDataset, check_files, load_items
 from .evaluate import default_workers, predict
 from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, WEIGHTS_FILE, build_model, load_weights
@@ -92,13 +93,15 @@ def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOpt
              train: TrainConfig = TrainConfig(), weights: str | None = None, pretrained: bool = True,
              image_size: int | None = None, conv: Conversion = Conversion(), folds: Sequence[int] | None = None,
              device: str = "auto", workers: int | None = None, name: str | None = None, restart: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> FinetuneResult:
+             progress: bool = True, log: Callable[[str], None] = print, nproc: int = 1) -> FinetuneResult:
     """Fine-tune ``model`` (a timm name, or efficientnet_lite0/1/2) on ``source`` and write a result folder.
 
     ``source`` is a Store, a store file, a folder of class folders, a manifest, or an :class:`ItemSet`.
 
-    Re-running the same call resumes an interrupted run; finished folds are not trained again.
+    Re-running the same call resumes an interrupted run; finished folds are not trained again. ``nproc`` > 1
+    trains with DistributedDataParallel in that many processes (see :mod:`.ddp`).
     """
+    call = dict(locals())  # the arguments, for the processes of --nproc
     from ..device import resolve_device
     from ..results import predictions_frame, write_results
 
@@ -117,12 +120,19 @@ def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOpt
     classes = sorted({label_of[i] for i in used})
     index = {c: j for j, c in enumerate(classes)}
     check_files(items, items.positions(list(dict.fromkeys(used))))
+    if nproc > 1 and not ddp.is_launched():
+        if items.store is not None and not isinstance(source, (str, os.PathLike, ItemSet)):
+            call["source"] = str(items.store.path)  # a Store handle is reopened by each process from its path
+        return ddp.launch(nproc, finetune, call)
 
+    dev = ddp.setup(resolve_device(device))
+    if not ddp.is_main():
+        log, progress = _silent, False
     out.mkdir(parents=True, exist_ok=True)
-    if restart:
+    if restart and ddp.is_main():
         _discard(out, len(splits.folds))
-    dev = resolve_device(device)
-    n_workers = default_workers(dev) if workers is None else workers
+    ddp.barrier()
+    n_workers = default_workers(dev) // ddp.world() if workers is None else workers
     aug = Augment() if train.augment else None
     fingerprint = splits.fingerprint()
     names = run_names(splits)
@@ -159,6 +169,9 @@ def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOpt
             f"{len(classes)} classes; {model} ({built.weights_source}) at {pre.size}px on {dev}")
         outcome = train_fold(built.model, dataset(fold.train, aug), dataset(fold.val), classes, fold_dir, train,
                              settings, checkpoint_config, dev, workers=n_workers, progress=progress, log=log)
+        outcomes.append(outcome)
+        if not ddp.is_main():  # rank 0 alone tests and writes
+            continue
         if outcome.already_done:
             log(f"fold {k}: already trained (best epoch {outcome.best_epoch}); evaluating its checkpoint")
         load_weights(built.model, fold_dir / WEIGHTS_FILE, f"{built.arch} with {len(classes)} classes")
@@ -172,8 +185,9 @@ def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOpt
                                         pred.proba, classes, run=names[k]))
         plot_history({f"fold {k}": outcome.history}, fold_dir / CURVE_FILE,
                      title=f"{name}: fold {k}" if len(splits.folds) > 1 else name)
-        outcomes.append(outcome)
 
+    if not ddp.is_main():
+        return FinetuneResult(out, {}, outcomes)
     import pandas as pd
 
     n_test = sum(n for n, _ in throughput)
@@ -189,13 +203,18 @@ def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOpt
             "preprocess": built.preprocess.to_dict(), "conversion": conv.to_dict(),
             "hyperparameters": train.to_dict(), "augment": aug.to_dict() if aug else None,
             "best_epoch": [o.best_epoch for o in outcomes], "epochs_run": [len(o.history) for o in outcomes],
-            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "source": str(items.store.path if items.store is not None else source),
+            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "processes": ddp.world(),
+            "source": str(items.store.path if items.store is not None else source),
             "items_from": items.kind, "versions": _versions()}
     splits.save(out / "splits.json")
     record = write_results(out, pd.concat(frames, ignore_index=True), classes, info, title=name)
     if len(splits.folds) > 1:
         plot_history({f"fold {k}": o.history for k, o in zip(chosen, outcomes)}, out / CURVE_FILE, title=name)
     return FinetuneResult(out, record, outcomes)
+
+
+def _silent(_: str) -> None:
+    """The log of processes other than rank 0."""
 
 
 def _discard(out: Path, n_folds: int) -> None:

@@ -25,6 +25,7 @@ from ..configdiff import differences
 from ..errors import EmbedkitError
 from ..figures import pyplot, save_figure
 from ..metrics import classification_metrics
+from . import ddp
 from .data import BalancedSampler, CellDataset
 from .evaluate import autocast, loader, predict, raise_bad
 from .model import save_checkpoint
@@ -141,12 +142,13 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    net = ddp.wrap(model, device)  # DistributedDataParallel under --nproc; the model itself otherwise
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    sampler = BalancedSampler(train_ds.targets, cfg.balance, cfg.seed, cfg.samples_per_epoch)
+    sampler = ddp.shard(BalancedSampler(train_ds.targets, cfg.balance, cfg.seed, cfg.samples_per_epoch))
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -185,7 +187,7 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise EmbedkitError(f"training loss became {float(loss)} in epoch {epoch + 1}; lower --lr "
                                     f"(now {cfg.lr:g}) and run with --restart")
@@ -197,33 +199,41 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
             seen += len(y)
             bar.set_postfix(loss=f"{running / seen:.3f}")
         bar.close()
+        running, seen = ddp.total(running, seen)
         val = predict(model, val_ds, device, batch_size=cfg.batch_size * 2, workers=workers, amp=cfg.amp)
         m = classification_metrics(y_val, val.proba, classes)
-        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val.loss,
+        val_loss, m = ddp.share((val.loss, m))  # rank 0's numbers decide, so every process stops at the same epoch
+        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                "val_balanced_accuracy": m["balanced_accuracy"], "val_accuracy": m["accuracy"],
                "lr": cfg.lr * lr_factor((epoch + 1) * steps_per_epoch - 1, total_steps, warmup_steps, cfg.min_lr_ratio),
                "seconds": time.perf_counter() - t0}
         improved = m["balanced_accuracy"] > best["score"] + 1e-12 or (
-            abs(m["balanced_accuracy"] - best["score"]) <= 1e-12 and val.loss < best["loss"])
+            abs(m["balanced_accuracy"] - best["score"]) <= 1e-12 and val_loss < best["loss"])
         if improved:
-            best = {"epoch": epoch + 1, "score": m["balanced_accuracy"], "loss": val.loss}
+            best = {"epoch": epoch + 1, "score": m["balanced_accuracy"], "loss": val_loss}
             stale = 0
-            save_checkpoint(directory, model, checkpoint_config(best))
+            if ddp.is_main():
+                save_checkpoint(directory, model, checkpoint_config(best))
         else:
             stale += 1
         row["best"] = improved
         history.append(row)
+        if not ddp.is_main():
+            continue
         save_state(state_path, {"identity": identity, "epoch": epoch + 1, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
                                 "best": best, "stale": stale})
         atomic_write_json(directory / HISTORY_FILE, {"identity": identity, "settings": settings, "finished": False,
                                                      "history": history, "best": best,
                                                      "fit_seconds": sum(h["seconds"] for h in history)})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {val.loss:.3f}, "
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, "
             f"val balanced accuracy {m['balanced_accuracy']:.3f}{'  (best)' if improved else ''}  [{row['seconds']:.0f}s]")
     if stopped_early:
         log(f"early stop: validation balanced accuracy has not improved for {cfg.patience} epochs")
     fit_seconds = float(sum(h["seconds"] for h in history))
+    if not ddp.is_main():
+        return FoldOutcome(directory, history, best["epoch"], best["score"], fit_seconds, resumed_from=start,
+                           stopped_early=stopped_early)
     atomic_write_json(directory / HISTORY_FILE, {"identity": identity, "settings": settings, "finished": True,
                                                  "stopped_early": stopped_early, "history": history, "best": best,
                                                  "fit_seconds": fit_seconds})

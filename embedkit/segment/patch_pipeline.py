@@ -7,7 +7,6 @@ assigned at commit, after the mixture is fitted on every patch of the run (or ta
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -17,11 +16,12 @@ import numpy as np
 from ..formats.lazy import is_large_field
 from ..formats.tiled_patches import large_field_patches
 from .. import store as st
+from ..engines.local import LocalEngine
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
-from .fields import load_field
+from .fields import Field, load_field
 from .filters import LearnedFilter, SimpleFilter, decide
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
@@ -113,10 +113,12 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
                     device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                    report_path: str | None = None, checkpoint_fields: int | None = None) -> PatchResult:
-    """Cut every field of ``source`` into patches in the store (resuming an interrupted run)."""
-    from tqdm.auto import tqdm
+                    report_path: str | None = None, checkpoint_fields: int | None = None, engine=None) -> PatchResult:
+    """Cut every field of ``source`` into patches in the store (resuming an interrupted run).
 
+    ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
+    cuts and filters them in its actor pool, each worker writing shards of the same run (``checkpoint_fields``
+    fields per shard), committed here."""
     store_path = str(store_path)
     t0 = time.perf_counter()
     if size < 8 or stride < 1:
@@ -130,19 +132,12 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
-        bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run, checkpoint_fields)
-        try:
-            for k, item in todo:
-                _one_field(source, k, item, size, stride, conv, filt, paired, shards, device, batch_size, skip_bad, res.failed)
-                bar.update(1)
-            shards.flush()
-        except BaseException:
-            shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
-            raise
-        finally:
-            bar.close()
+        where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+        _, res.failed = (engine or LocalEngine()).map_fields(
+            todo, PatchLoader(where, conv, paired),
+            PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
+            device=device if isinstance(filt, LearnedFilter) else "cpu", fields_per_block=checkpoint_fields,
+            progress=progress, total=len(source.items), initial=res.n_resumed)
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         attrs = {}
@@ -178,9 +173,45 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     return GmmThresholds.from_dict(d)
 
 
+@dataclass(frozen=True)
+class PatchLoader:
+    """Loads one field and its paired plane where fields are decoded (this process, or a Ray task)."""
+
+    source: Source
+    conv: Conversion
+    paired: PairedChannel | None
+
+    def __call__(self, k: int, item: Item) -> tuple[Field, np.ndarray | None] | None:
+        path = self.source.abspath(item)
+        if is_large_field(path):  # read tile by tile where it is cut, never whole
+            return None
+        fld = load_field(path, self.conv)
+        return fld, self.paired.plane(self.source, item, fld.raw) if self.paired is not None else None
+
+
+@dataclass
+class PatchCutter:
+    """Cuts and filters one loaded field into the run's shards where the filter lives (this process, or a Ray actor)."""
+
+    source: Source
+    size: int
+    stride: int
+    conv: Conversion
+    filt: SimpleFilter | LearnedFilter | None
+    paired: PairedChannel | None
+    device: str
+    batch_size: int
+    skip_bad: bool
+
+    def __call__(self, k: int, item: Item, loaded, shards: storeio.FieldShards, failed: list) -> None:
+        _one_field(self.source, k, item, self.size, self.stride, self.conv, self.filt, self.paired, shards, self.device,
+                   self.batch_size, self.skip_bad, failed, loaded)
+
+
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
                paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
-               failed: list) -> None:
+               failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None) -> None:
+    """Cut and filter one field loaded by :class:`PatchLoader` (None for a large field, read here tile by tile)."""
     path = source.abspath(item)
     if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
         try:
@@ -191,12 +222,10 @@ def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv:
             return
         shards.add(k, item.id, {"n_windows": int(got.pop("n_windows")[0])}, got)
         return
-    try:
-        fld = load_field(path, conv)
-        plane = paired.plane(source, item, fld.raw) if paired is not None else None
-    except BadImageError as exc:
-        fail_or_record(exc.path, exc.reason, skip_bad, failed)
+    if isinstance(loaded, BadImageError):
+        fail_or_record(loaded.path, loaded.reason, skip_bad, failed)
         return
+    fld, plane = loaded
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)

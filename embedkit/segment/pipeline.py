@@ -9,7 +9,6 @@ already written.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -17,13 +16,14 @@ from typing import Iterator
 import numpy as np
 
 from .. import store as st
+from ..engines.local import LocalEngine
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
 from .backends import Segmenter
 from .crops import CropParams, crop_cells
-from .fields import load_field
+from .fields import Field, load_field
 from ..formats.lazy import is_large_field, large_labels_path
 from ..formats.tiled import segment_large_field
 
@@ -79,10 +79,13 @@ def _pixel_size(item: Item, default: float | None) -> float | None:
 def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Segmenter, crop: CropParams = CropParams(),
                    *, conv: Conversion = Conversion(), seg_channels: tuple[int, ...] | None = None,
                    pixel_size: float | None = None, labels_dir: str | None = None, overlays: int = 0,
-                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None, checkpoint_fields: int | None = None) -> SegmentResult:
-    """Segment every field of ``source`` into cells in the store (resuming an interrupted run)."""
-    from tqdm.auto import tqdm
+                   skip_bad: bool = False, progress: bool = True, report_path: str | None = None,
+                   checkpoint_fields: int | None = None, engine=None) -> SegmentResult:
+    """Segment every field of ``source`` into cells in the store (resuming an interrupted run).
 
+    ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
+    segments them in its actor pool, each worker writing shards of the same run (``checkpoint_fields`` fields per
+    shard), committed here."""
     store_path = str(store_path)
     t0 = time.perf_counter()
     config = run_config(segmenter, crop, conv, seg_channels, pixel_size)
@@ -94,22 +97,12 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
         done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         n_resumed = len(source.items) - len(todo)
-        failed: list[tuple[str, str]] = []
-        n_found = 0
-        bar = tqdm(total=len(source.items), initial=n_resumed, unit="field", desc=f"segment ({segmenter.name})",
-                   disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        shards = storeio.FieldShards(run, checkpoint_fields)
-        try:
-            for k, item in todo:
-                n_found += _one_field(source, k, item, segmenter, crop, conv, seg_channels, pixel_size, shards, labels_dir,
-                                      overlays_dir if k < overlays else None, skip_bad, failed)
-                bar.update(1)
-            shards.flush()
-        except BaseException:
-            shards.flush()  # whole fields only, so keeping them is safe (a bad field stops the run, not its progress)
-            raise
-        finally:
-            bar.close()
+        where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+        n_found, failed = (engine or LocalEngine()).map_fields(
+            todo, FieldLoader(where, conv, seg_channels),
+            FieldCutter(where, segmenter, crop, conv, seg_channels, pixel_size, labels_dir, overlays_dir, overlays, skip_bad),
+            run, desc=f"segment ({segmenter.name})", device=getattr(segmenter, "device", "cpu"),
+            fields_per_block=checkpoint_fields, progress=progress, total=len(source.items), initial=n_resumed)
         done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         report = str(outputs.write_failures(report_path or sidecar(store_path, ".segment-failed.csv"), failed)) if failed else None
@@ -123,10 +116,47 @@ def segment_fields(source: Source, store_path: str | os.PathLike, segmenter: Seg
                          report, labels_dir, overlays_dir)
 
 
+@dataclass(frozen=True)
+class FieldLoader:
+    """Loads one field where fields are decoded (this process, or a Ray task); raises BadImageError when it cannot."""
+
+    source: Source
+    conv: Conversion
+    seg_channels: tuple[int, ...] | None
+
+    def __call__(self, k: int, item: Item) -> Field | None:
+        path = self.source.abspath(item)
+        if is_large_field(path):  # read tile by tile where it is segmented, never whole
+            return None
+        return load_field(path, self.conv, self.seg_channels)
+
+
+@dataclass
+class FieldCutter:
+    """Segments and crops one loaded field into the run's shards where the segmenter is (here, or a Ray actor)."""
+
+    source: Source
+    segmenter: Segmenter
+    crop: CropParams
+    conv: Conversion
+    seg_channels: tuple[int, ...] | None
+    pixel_size: float | None
+    labels_dir: str
+    overlays_dir: str | None
+    overlays: int
+    skip_bad: bool
+
+    def __call__(self, k: int, item: Item, fld: Field | BadImageError, shards: storeio.FieldShards, failed: list) -> int:
+        return _one_field(self.source, k, item, self.segmenter, self.crop, self.conv, self.seg_channels, self.pixel_size,
+                          shards, self.labels_dir, self.overlays_dir if k < self.overlays else None, self.skip_bad,
+                          failed, fld)
+
+
 def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: CropParams, conv: Conversion,
                seg_channels, pixel_size, shards: storeio.FieldShards, labels_dir: str, overlay_dir: str | None,
-               skip_bad: bool, failed: list) -> int:
-    """Load, segment and crop one field, then hand it to the run's shards; returns the number of objects segmented."""
+               skip_bad: bool, failed: list, fld: Field | BadImageError | None) -> int:
+    """Segment and crop one field loaded by :class:`FieldLoader` (None for a large field, read here tile by tile),
+    then hand it to the run's shards; returns the number of objects segmented."""
     path = source.abspath(item)
     if is_large_field(path):  # read and segment tile by tile with bounded memory (embedkit.formats.tiled)
         try:
@@ -136,10 +166,8 @@ def _one_field(source: Source, k: int, item: Item, segmenter: Segmenter, crop: C
             fail_or_record(path, exc.reason, skip_bad, failed)
             return 0
         return _shard_cells(shards, item, k, cells)
-    try:
-        fld = load_field(path, conv, seg_channels)
-    except BadImageError as exc:
-        fail_or_record(path, exc.reason, skip_bad, failed)
+    if isinstance(fld, BadImageError):
+        fail_or_record(path, fld.reason, skip_bad, failed)
         return 0
     try:
         labels = np.asarray(segmenter.segment(fld.seg))
