@@ -23,7 +23,8 @@ from ..items import as_store
 from ..results import predictions_frame, write_results
 from ..splits import PARTS, Fold, Splits, check_splits, make_splits
 from .data import ProbeData, load_probe_data
-from .features import BALANCE_MODES, Preprocessor, balance, threads_for
+from ..balance import normalise_balance
+from .features import Preprocessor, balance, threads_for
 from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
 from .saved import HEADS, Probe
 
@@ -182,8 +183,7 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     """
     s = settings or ProbeSettings()
     heads = parse_heads(s.heads)
-    if s.balance not in BALANCE_MODES:
-        raise EmbedkitError(f"unknown --balance {s.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
+    s.balance = normalise_balance(s.balance)
     if splits_path and (s.seeds > 1 or s.folds):
         raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
     data = load_probe_data(as_store(store), key, group_by)
