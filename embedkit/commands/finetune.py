@@ -56,15 +56,16 @@ def finetune(source, model, out, splits_file, group_by, folds, test_size, val_si
     The best epoch (by validation balanced accuracy) is kept as model.safetensors + model.json.
     A killed run resumes from its last completed epoch when the same command is run again.
     """
-    from ..finetune import SplitOptions, TrainConfig
+    from ..finetune import TrainConfig
     from ..finetune import finetune as run_finetune
     from ..images import Conversion, parse_channels, parse_percentiles
+    from ..splits import SplitSpec
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       patience=patience, balance=balance, samples_per_epoch=samples_per_epoch, augment=not no_augment,
                       label_smoothing=label_smoothing, seed=seed, amp=not no_amp)
-    opts = SplitOptions(splits_file, test_size, val_size, folds, seed, group_by)
+    opts = SplitSpec(splits_file, test_size, val_size, folds, 1, seed, group_by)
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     res = run_finetune(source, out, model, split_opts=opts, train=cfg, weights=weights, pretrained=not random_init,
                        image_size=image_size, conv=conv, folds=list(fold) or None, device=device, workers=workers,

@@ -67,14 +67,15 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
     from ..probe.evaluate import summary_header
     from ..probe.heads import solver_device
+    from ..splits import SplitSpec
     from ..store import Store
 
     k_values = [int(v) for v in _floats(k_grid, "--k")]
     opts = HeadOptions(c_grid=_floats(c_grid, "--C"), k_grid=k_values, temperature=temperature, max_iter=max_iter,
                        device=str(solver_device(device)))
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
-                             pca_dim=pca_dim, test_size=test_size, val_size=val_size, folds=folds, seeds=seeds,
-                             seed=seed, classes=[c.strip() for c in classes.split(",")] if classes else None,
+                             pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
+                             classes=[c.strip() for c in classes.split(",")] if classes else None,
                              head_options=opts, n_boot=n_boot)
     s = Store(store)
     if out is None:
