@@ -27,10 +27,10 @@ def obsm_name(key: str) -> str:
 
 def _views(store: Store, key: str) -> dict[str, np.ndarray]:
     out = {}
-    with store.h5() as f:
-        if "views" in f and key in f["views"]:
-            for method, ds in f["views"][key].items():
-                out[VIEW_NAMES.get(method, f"X_{method}")] = ds[:]
+    for method in ("tsne", "umap", "pca"):
+        saved = store.view(key, method)
+        if saved is not None:
+            out[VIEW_NAMES.get(method, f"X_{method}")] = saved[0]
     return out
 
 

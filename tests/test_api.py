@@ -28,13 +28,13 @@ def test_python_walkthrough_runs_as_written(tmp_path, monkeypatch):
     assert len(blocks) >= 6
     for code in blocks:
         exec(compile(code, "docs/python.md", "exec"), ns)
-    assert ns["result"].n_embedded == 351
+    assert ns["result"].n_embedded == 320
     m = ns["probes"].metrics
     assert set(m.index) == {"logreg", "knn"} and (m["balanced_accuracy"] > 0.2).all()  # 16 classes: chance is 0.06
     assert len(ns["probes"].predictions) > 0 and (tmp_path / "results/lite0/splits.json").exists()
     assert (tmp_path / "results/comparison/comparison.md").exists()
     assert len(ns["comparison"].rows) == 3  # logreg, knn and the fine-tuned model
-    assert ns["adata"].n_obs == 351
+    assert ns["adata"].n_obs == 320
     assert list(ns["saved"].predict(ns["X"][:3])) == list(ns["logreg"].predict(ns["X"][:3]))
 
 
@@ -88,3 +88,24 @@ def test_estimator_in_pipeline_saves_and_matches_the_cli_head(lite0_store_ro, tm
     assert ek.load_probe(tmp_path / "svm").head == "svm"
     with pytest.raises(ek.EmbedkitError, match="not a knn"):
         ek.KNNProbe.load(tmp_path / "svm")
+
+
+def test_help_and_encoders_import_no_torch():
+    """`embedkit --help` and `embedkit encoders` answer from specs alone (start-up stays fast)."""
+    code = ("import sys; from embedkit.cli import main; main([sys.argv[1]]); "
+            "print('TORCH', any(m == 'torch' or m.startswith('torchvision') for m in sys.modules))")
+    for arg in ("--help", "encoders"):
+        out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert "TORCH False" in out.stdout, (arg, out.stderr[-500:])
+    assert "efficientnet_lite0" in out.stdout and "present" in out.stdout
+
+
+def test_torchvision_weight_file_names_match_torchvision():
+    """The torch-free catalogue names the same files torchvision downloads."""
+    from embedkit.encoders import get_spec
+    from embedkit.encoders.catalogue import TORCHVISION_FILES
+    from embedkit.encoders.torchvision_backend import _weights_enum
+
+    for arch, name in TORCHVISION_FILES.items():
+        assert os.path.basename(_weights_enum(get_spec(arch)).url) == name
