@@ -7,6 +7,8 @@ importing embedkit (and ``embedkit --help``) pulls in no torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -25,13 +27,21 @@ _WHERE = {
 __all__ = ["__version__", *sorted(_WHERE)]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'embedkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+def _front_door(name: str):
+    return getattr(importlib.import_module(_WHERE[name]), name)
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+class _Package(types.ModuleType):
+    """The embedkit package: ``ek.probe``, ``ek.embed``... are the API functions even after the
+    subpackages of the same name are imported (``import embedkit.probe`` still finds the subpackage)."""
+
+    def __getattribute__(self, name: str):
+        if name in _WHERE:
+            return _front_door(name)
+        return super().__getattribute__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_WHERE))
+
+
+sys.modules[__name__].__class__ = _Package
