@@ -90,6 +90,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str))
 
 
+def atomic_write_csv(path: str | os.PathLike, frame: Any) -> None:
+    """Write a pandas DataFrame as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -241,3 +241,42 @@ def neighbors_frame(store: Store, queries: Sequence[Query], sims: np.ndarray, ro
             recs.append({"query": q.name, "rank": rank, "id": str(ids[r]), "label": str(labels[r]),
                          "group": str(groups[r]), "similarity": float(s)})
     return pd.DataFrame(recs, columns=["query", "rank", "id", "label", "group", "similarity"])
+
+
+@dataclass
+class NeighborResult:
+    """Neighbours of each query: similarities and store rows [Q, k], the table, and how they were found."""
+
+    queries: list[Query]
+    sims: np.ndarray
+    rows: np.ndarray
+    table: "object"
+    how: str
+    excluded: list[str | None] | None
+    notes: list[str]
+
+
+def find_neighbors(store: Store, query: str, key: str | None = None, k: int = 12, *, exclude_same_group: bool = False,
+                   index_path: str | os.PathLike | None = None, exact: bool = False,
+                   weights: str | os.PathLike | None = None, device: str = "cpu") -> NeighborResult:
+    """The ``k`` nearest items of each query (item id, image file or CSV), by a fresh saved index or an exact scan."""
+    from .store_index import open_index, stale_message
+
+    key = store.resolve_key(key)
+    queries = parse_queries(store, query)
+    notes: list[str] = []
+    saved = None
+    if not exact:
+        saved = open_index(store.path, key, index_path)
+        if saved is not None and not saved.fresh:
+            notes.append(f"warning: {stale_message(saved)}; searching exactly instead")
+            saved = None
+    qvecs = query_vectors(store, key, queries, weights=weights, device=device)
+    groups = store.groups
+    excl = [str(groups[q.row]) if q.row is not None else None for q in queries] if exclude_same_group else None
+    if exclude_same_group and any(q.row is None for q in queries):
+        notes.append("note: --exclude-same-group: image files that are not items of the store have no group; "
+                     "nothing hidden for them")
+    sims, rows = search_store(store, key, qvecs, k, exclude_groups=excl, index=saved)
+    how = f"index {saved.path.name} ({saved.record['kind']})" if saved is not None else "exact scan"
+    return NeighborResult(queries, sims, rows, neighbors_frame(store, queries, sims, rows), how, excl, notes)

@@ -22,6 +22,17 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: n
     return cm
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (NaN without rows)."""
+    classes = np.unique(y)
+    return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
+
+
+def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (clipped at 1e-12; NaN without rows)."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)))) if len(y) else float("nan")
+
+
 def _from_confusion(cm: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy (mean recall over classes present) and macro-F1 from a confusion matrix."""
     support = cm.sum(axis=1)

@@ -66,6 +66,7 @@ def main() -> int:
                                   trace_layers)
     from embedkit.items import ItemSet
     from embedkit.probe import ProbeSettings, run_probe
+    from embedkit.splits import SplitSpec
     from embedkit.store import Store
 
     methods = parse_methods(args.methods)
@@ -74,7 +75,7 @@ def main() -> int:
     src = sample_cells(data, args.per_class, args.seed)
     store = bench / f"explain_lite0_{args.per_class}.h5"
     embed(src, store, create_encoder("efficientnet_lite0"), progress=True)
-    report = run_probe(store, bench / "explain_probe", settings=ProbeSettings(heads=("logreg",), seed=args.seed),
+    report = run_probe(store, bench / "explain_probe", settings=ProbeSettings(heads=("logreg",), split=SplitSpec(seed=args.seed)),
                        progress=True)
     record = report.results[0].record
     model = load_model(bench / "explain_probe" / "logreg")

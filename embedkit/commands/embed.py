@@ -83,19 +83,14 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
 @click.option("--local", is_flag=True, help="Only encoders whose weights are present on this machine.")
 def encoders(local):
     """List the encoder registry and whether each one's weights are present locally."""
-    from ..encoders import list_encoders, weights_status
+    from ..encoders.catalogue import encoder_table
 
-    rows = []
-    for spec in list_encoders():
-        status = weights_status(spec)
-        if local and not status.startswith("present"):
-            continue
-        pool = spec.pooling or "avg"
-        rows.append((spec.name, spec.family, str(spec.dim), str(spec.preprocess.size), pool, status))
-    widths = [max(len(r[i]) for r in rows + [("name", "family", "dim", "size", "pool", "weights")]) for i in range(5)]
-    header = ("name", "family", "dim", "size", "pool", "weights")
-    for r in [header] + rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    table = encoder_table(local).astype(str)
+    header = list(table.columns)
+    rows = [header] + table.values.tolist()
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
     click.echo("\nAlso: timm:<model name> and hf:<repo id or folder>; --weights PATH loads a local checkpoint.")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EmbedkitError
+from .common import balance_option
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -35,8 +36,7 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="Repeat with N different splits (mean ± sd).")
 @click.option("--seed", default=0, show_default=True, type=int, help="First random seed.")
 @click.option("--classes", help="Probe only these classes (comma list); other labelled items are left out.")
-@click.option("--balance", type=click.Choice(["none", "weights", "oversample", "undersample"]), default="weights",
-              show_default=True, help="Class imbalance: class weights, random over-/under-sampling of train, or none.")
+@balance_option("Class imbalance: class weights, random over-/under-sampling of train, or none.")
 @click.option("--standardise/--no-standardise", default=True, show_default=True, help="Standardise with train mean and sd.")
 @click.option("--l2", is_flag=True, help="L2-normalise each vector first.")
 @click.option("--pca-whiten", is_flag=True, help="PCA-whiten (fitted on train) after standardising.")
@@ -67,14 +67,15 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
     from ..probe.evaluate import summary_header
     from ..probe.heads import solver_device
+    from ..splits import SplitSpec
     from ..store import Store
 
     k_values = [int(v) for v in _floats(k_grid, "--k")]
     opts = HeadOptions(c_grid=_floats(c_grid, "--C"), k_grid=k_values, temperature=temperature, max_iter=max_iter,
                        device=str(solver_device(device)))
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
-                             pca_dim=pca_dim, test_size=test_size, val_size=val_size, folds=folds, seeds=seeds,
-                             seed=seed, classes=[c.strip() for c in classes.split(",")] if classes else None,
+                             pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
+                             classes=[c.strip() for c in classes.split(",")] if classes else None,
                              head_options=opts, n_boot=n_boot)
     s = Store(store)
     if out is None:
@@ -96,21 +97,17 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: id, group, true, pred, p_<class>...")
 def predict(store, probe_dir, key, out):
     """Apply a saved probe to the items of a store (refuses embeddings from another encoder configuration)."""
-    from ..atomic import atomic_path
+    from ..atomic import atomic_write_csv
     from ..probe import load_probe
-    from ..probe.proportions import apply_probes
-    from ..results import predictions_frame
+    from ..probe.predict import predict_store
     from ..store import Store
 
     p = load_probe(probe_dir)
-    s = Store(store)
-    rows, proba, classes, keys = apply_probes(s, [p], key)
-    labels = [lab if lab in classes else "" for lab in s.labels[rows]]
-    df = predictions_frame(s.ids[rows], s.groups[rows], labels, proba, classes, run=p.provenance.get("run", 0))
-    with atomic_path(out) as tmp:
-        df.to_csv(tmp, index=False)
+    res = predict_store(Store(store), p, key)
+    df = res.frame
+    atomic_write_csv(out, df)
     counts = df["pred"].value_counts()
-    click.echo(f"{len(df)} items of {store} (key {keys[0]!r}) predicted by {p.name}; wrote {out}")
+    click.echo(f"{len(df)} items of {store} (key {res.key!r}) predicted by {p.name}; wrote {out}")
     click.echo("predicted: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     if p.head == "knn":
         click.echo("note: kNN votes come from the probe's training items; items that were in training find themselves", err=True)

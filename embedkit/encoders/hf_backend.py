@@ -18,19 +18,6 @@ from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
 from .checkpoints import check_keys, first_line
 
 
-def hub_cached(repo_id: str) -> bool:
-    """True when ``repo_id``'s config and weights are in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        have_cfg = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-        have_w = any(isinstance(try_to_load_from_cache(repo_id, f), str)
-                     for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
-        return have_cfg and have_w
-    except Exception:
-        return False
-
-
 def hf_spec(name: str) -> EncoderSpec:
     """Passthrough spec for ``hf:<repo id or folder>``; preprocessing comes from its processor config."""
     repo = name[3:]

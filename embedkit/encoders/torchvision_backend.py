@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ..errors import WeightsNotFoundError
 from .base import Encoder, EncoderSpec, file_fingerprint, state_dict_fingerprint
+from .catalogue import torchvision_cache_path
 from .checkpoints import load_checked, read_state_dict
 
 _WEIGHTS = {
@@ -25,11 +24,6 @@ def _weights_enum(spec: EncoderSpec):
 
     cls_name, member = _WEIGHTS[spec.arch].split(".")
     return getattr(getattr(tvm, cls_name), member)
-
-
-def torchvision_cache_path(spec: EncoderSpec) -> str:
-    """Where torchvision keeps (and looks for) this model's downloaded weights."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(spec).url))
 
 
 def _architecture(arch: str, random_init: bool) -> nn.Module:

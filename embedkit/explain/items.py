@@ -116,3 +116,33 @@ def select_items(predictions: str | os.PathLike, how: str, n: int, store: ItemSe
         it.meta = {**it.meta, "recorded_pred": r["pred"]}
         chosen.append(it)
     return chosen
+
+
+def find_predictions(model: str | os.PathLike) -> Path:
+    """The predictions.csv that belongs to a model folder: in it, or up to two folders above."""
+    model = Path(model)
+    base = model if model.is_dir() else model.parent
+    for folder in (base, base.parent, base.parent.parent):
+        if (folder / "predictions.csv").exists():
+            return folder / "predictions.csv"
+    raise EmbedkitError(f"no predictions.csv in or above {model}; pass --predictions PATH")
+
+
+def choose_items(model: str | os.PathLike, items: Sequence[str], store: ItemSet | None, *, select: str | None = None,
+                 n: int | None = None, predictions: str | os.PathLike | None = None) -> tuple[list[Item], str]:
+    """Check what was asked to explain and return the items with a line saying how they were chosen.
+
+    Either ``items`` (image files, folders, or store ids) or ``select`` (misclassified | per-class, from
+    the model's predictions.csv), never both; ``n`` and ``predictions`` go with ``select`` only.
+    """
+    if select is None and (n is not None or predictions is not None):
+        raise EmbedkitError("--n and --predictions go with --select misclassified|per-class")
+    if select is not None and items:
+        raise EmbedkitError("give ITEMS or --select, not both")
+    if not items and select is None:
+        raise EmbedkitError("nothing to explain: give image files, store item ids (with --store), or --select")
+    if select is None:
+        return resolve_items(items, store), f"{len(items)} item argument(s)"
+    csv_path = predictions or find_predictions(model)
+    chosen = select_items(csv_path, select, n or (16 if select == "misclassified" else 4), store)
+    return chosen, f"selected {len(chosen)} items ({select}) from {csv_path}"

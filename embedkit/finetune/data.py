@@ -15,11 +15,11 @@ import torch
 
 from ..embed import to_tensor
 from ..encoders import Preprocess
-from ..errors import BadImageError, EmbedkitError
+from ..balance import normalise_balance
+from ..errors import BadImageError
 from ..images import Conversion
 from ..items import ItemSet
 
-BALANCE_MODES = ("weighted", "oversample", "undersample", "none")
 
 
 def load_items(source, group_by: str | None = None) -> ItemSet:
@@ -130,16 +130,15 @@ class BalancedSampler(torch.utils.data.Sampler):
     a resume without carrying generator state around.
     """
 
-    def __init__(self, targets: Sequence[int], mode: str = "weighted", seed: int = 0, num_samples: int | None = None):
-        if mode not in BALANCE_MODES:
-            raise EmbedkitError(f"--balance {mode!r}: choose one of {', '.join(BALANCE_MODES)}")
+    def __init__(self, targets: Sequence[int], mode: str = "weights", seed: int = 0, num_samples: int | None = None):
+        mode = normalise_balance(mode)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.mode = mode
         self.seed = int(seed)
         self.epoch = 0
         classes, counts = np.unique(self.targets, return_counts=True)
         self.by_class = [np.flatnonzero(self.targets == c) for c in classes]
-        natural = {"weighted": len(self.targets), "none": len(self.targets),
+        natural = {"weights": len(self.targets), "none": len(self.targets),
                    "oversample": int(counts.max()) * len(classes), "undersample": int(counts.min()) * len(classes)}[mode]
         self.num_samples = int(num_samples or natural)
 
@@ -151,7 +150,7 @@ class BalancedSampler(torch.utils.data.Sampler):
         n = self.num_samples
         if self.mode == "none":
             idx = np.concatenate([rng.permutation(len(self.targets)) for _ in range(-(-n // len(self.targets)))])[:n]
-        elif self.mode == "weighted":
+        elif self.mode == "weights":
             counts = np.bincount(self.targets)
             w = 1.0 / counts[self.targets]
             idx = rng.choice(len(self.targets), size=n, replace=True, p=w / w.sum())

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import EmbedkitError
 from ..images import Conversion
-from ..splits import Splits, check_splits, make_splits
+from ..splits import Splits, SplitSpec, check_splits, load_or_make_splits, run_names
 from ..items import ItemSet
 from . import ddp
 from .data import Augment, CellDataset, check_files, load_items
@@ -36,16 +36,7 @@ from .train import HISTORY_FILE, TrainConfig, plot_history, train_fold
 CURVE_FILE = "training_curve.png"
 
 
-@dataclass
-class SplitOptions:
-    """How to get splits: a saved splits.json (as written by ``embedkit probe``) or new ones made like the probe's."""
-
-    splits_file: str | None = None
-    test_size: float = 0.2
-    val_size: float = 0.2
-    folds: int | None = None
-    seed: int = 0
-    group_by: str | None = None
+SplitOptions = SplitSpec  # the old name
 
 
 @dataclass
@@ -61,23 +52,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "timm": timm.__version__}
 
 
-def run_names(splits: Splits) -> list[str]:
-    """The name of each fold's run: the splits file's own names (as 'embedkit probe' records them) or fold<k>."""
-    names = splits.meta.get("runs") or []
-    return [str(n) for n in names] if len(names) == len(splits.folds) else [f"fold{k}" for k in range(len(splits.folds))]
-
-
-def get_splits(items: ItemSet, opts: SplitOptions) -> tuple[Splits, list[str]]:
+def get_splits(items: ItemSet, opts: SplitSpec) -> tuple[Splits, list[str]]:
     """Load and validate saved splits against these items, or make them with the shared splits module."""
     group_of = dict(zip(items.ids, items.groups))
     label_of = dict(zip(items.ids, items.labels))
-    if opts.splits_file:
-        if opts.folds:
-            raise EmbedkitError("--splits fixes the folds; leave out --folds when reusing a splits file")
-        splits = Splits.load(opts.splits_file)
-    else:
-        splits = make_splits(items.ids, items.labels, items.groups, test_size=opts.test_size, val_size=opts.val_size,
-                             folds=opts.folds, seed=opts.seed, group_by=opts.group_by or "group")
+    splits, _ = load_or_make_splits(items.ids, items.labels, items.groups, opts, opts.group_by or "group")
     if not splits.meta.get("runs"):  # name runs as 'embedkit probe' does, so predictions pair row by row
         many = len(splits.folds) > 1
         splits.meta["runs"] = [f"fold{k}" if many else f"seed{splits.seed}" for k in range(len(splits.folds))]
@@ -89,7 +68,7 @@ def get_splits(items: ItemSet, opts: SplitOptions) -> tuple[Splits, list[str]]:
     return splits, warnings
 
 
-def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitOptions = SplitOptions(),
+def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitSpec = SplitSpec(),
              train: TrainConfig = TrainConfig(), weights: str | None = None, pretrained: bool = True,
              image_size: int | None = None, conv: Conversion = Conversion(), folds: Sequence[int] | None = None,
              device: str = "auto", workers: int | None = None, name: str | None = None, restart: bool = False,

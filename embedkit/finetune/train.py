@@ -45,7 +45,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     patience: int = 8
-    balance: str = "weighted"
+    balance: str = "weights"
     samples_per_epoch: int | None = None
     augment: bool = True
     label_smoothing: float = 0.0

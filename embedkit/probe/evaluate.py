@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,9 +21,10 @@ from ..atomic import atomic_write_text
 from ..errors import EmbedkitError
 from ..items import as_store
 from ..results import predictions_frame, write_results
-from ..splits import PARTS, Fold, Splits, check_splits, make_splits
+from ..splits import PARTS, Fold, Splits, SplitSpec, check_splits, load_or_make_splits
 from .data import ProbeData, load_probe_data
-from .features import BALANCE_MODES, Preprocessor, balance, threads_for
+from ..balance import normalise_balance
+from .features import Preprocessor, balance, threads_for
 from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
 from .saved import HEADS, Probe
 
@@ -54,11 +55,7 @@ class ProbeSettings:
     l2: bool = False
     pca_whiten: bool = False
     pca_dim: int | None = None
-    test_size: float = 0.2
-    val_size: float = 0.2
-    folds: int | None = None
-    seeds: int = 1
-    seed: int = 0
+    split: SplitSpec = field(default_factory=SplitSpec)
     classes: Sequence[str] | None = None
     head_options: HeadOptions = field(default_factory=HeadOptions)
     n_boot: int = 1000
@@ -114,21 +111,14 @@ def _classes(data: ProbeData, wanted: Sequence[str] | None) -> tuple[list[str], 
 
 
 def _make_runs(data: ProbeData, use: np.ndarray, s: ProbeSettings) -> tuple[Splits, list[str]]:
-    folds, names = [], []
-    for i in range(s.seeds):
-        sp = make_splits(data.ids[use], data.labels[use], data.groups[use], test_size=s.test_size, val_size=s.val_size,
-                         folds=s.folds, seed=s.seed + i, group_by=data.group_by)
-        for j, f in enumerate(sp.folds):
-            folds.append(f)
-            names.append("-".join(([f"seed{s.seed + i}"] if s.seeds > 1 or not s.folds else [])
-                                  + ([f"fold{j}"] if s.folds else [])))
-    meta = {"n_labelled": int(use.sum()), "classes": sorted(set(data.labels[use])), "test_size": s.test_size,
-            "val_size": s.val_size, "folds": s.folds or 1, "seeds": s.seeds, "runs": names, "store": data.store_path}
-    return Splits(folds, group_by=data.group_by, seed=s.seed, meta=meta), names
+    splits, names = load_or_make_splits(data.ids[use], data.labels[use], data.groups[use], s.split, data.group_by)
+    splits.meta.update({"n_labelled": int(use.sum()), "store": data.store_path})
+    return splits, names
 
 
-def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) -> tuple[Splits, list[str]]:
-    splits = Splits.load(path)
+def _load_runs(spec: SplitSpec, data: ProbeData, use: np.ndarray, notes: list[str]) -> tuple[Splits, list[str]]:
+    path = spec.splits_file
+    splits, names = load_or_make_splits(data.ids[use], data.labels[use], data.groups[use], spec, data.group_by)
     all_ids = set(map(str, data.store.ids))
     have = set(data.ids)
     for k, f in enumerate(splits.folds):
@@ -149,8 +139,6 @@ def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) ->
         folds.append(Fold(**parts))
     if dropped:
         notes.append(f"{dropped} split entries are unlabelled or outside the chosen classes and are left out")
-    names = splits.meta.get("runs") if len(splits.meta.get("runs", [])) == len(folds) else \
-        [f"fold{i}" for i in range(len(folds))]
     return Splits(folds, group_by=splits.group_by, seed=splits.seed, meta=splits.meta), list(names)
 
 
@@ -182,16 +170,15 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     """
     s = settings or ProbeSettings()
     heads = parse_heads(s.heads)
-    if s.balance not in BALANCE_MODES:
-        raise EmbedkitError(f"unknown --balance {s.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
-    if splits_path and (s.seeds > 1 or s.folds):
-        raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
+    s = replace(s, balance=normalise_balance(s.balance))
+    if splits_path:
+        s = replace(s, split=replace(s.split, splits_file=str(splits_path)))
     data = load_probe_data(as_store(store), key, group_by)
     notes = list(data.notes)
     classes, use, class_notes = _classes(data, s.classes)
     notes += class_notes
-    if splits_path:
-        splits, names = _load_runs(splits_path, data, use, notes)
+    if s.split.splits_file:
+        splits, names = _load_runs(s.split, data, use, notes)
     else:
         splits, names = _make_runs(data, use, s)
     label_of = dict(zip(data.ids, data.labels))
@@ -247,7 +234,7 @@ def _run_heads(r: int, name: str, fold: Fold, train: np.ndarray, val: np.ndarray
     t0 = time.perf_counter()
     pre = s.preprocessor().fit(x, train)
     pre_seconds = time.perf_counter() - t0
-    rng = np.random.default_rng(s.seed + r)
+    rng = np.random.default_rng(s.split.seed + r)
     bal_pos, bal_w = balance(y[train], s.balance, rng)
     fit_input = FitInput(x=x, y=y, train=train[bal_pos], train_weight=bal_w, val=val, classes=classes,
                          class_vote_weight=class_vote_weights(y[train], len(classes), s.balance))

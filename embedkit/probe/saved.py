@@ -125,7 +125,7 @@ class Probe:
                                 f"fit a logreg or svm probe to explain a frozen encoder with CAMs")
         import torch
 
-        from .heads import FoldedLinear
+        from .folded import FoldedLinear
 
         w_eff, b_eff = folded_linear(self.pre, self.arrays["weight"], self.arrays["bias"])
         t = self._temperature()

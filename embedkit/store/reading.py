@@ -270,6 +270,12 @@ class Store:
         f = self._h5()
         return {k: _decode(v) for k, v in f["segment"].attrs.items()} if "segment" in f else {}
 
+    def to_anndata(self, key: str | None = None, only_done: bool = True):
+        """This store as AnnData (X = vectors of ``key``, every key in obsm, items in obs); see embedkit.anndata_io."""
+        from ..anndata_io import to_anndata
+
+        return to_anndata(self, key, only_done)
+
     def segment_record(self) -> dict | None:
         """What segment/patches recorded (command, config, fields done, failed, attributes), or None."""
         f = self._h5()
