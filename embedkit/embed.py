@@ -27,6 +27,7 @@ from .device import autocast, resolve_device, worker_init
 from .encoders import Encoder, Preprocess
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
+from .selftest import preprocess_selftest, recheck_run
 from .sources import Source
 
 
@@ -141,6 +142,7 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
     cfg_fp = st.fingerprint(st.comparable_config(cfg))
     dev = resolve_device(device)
     t0 = time.perf_counter()
+    cfg["selftest"] = preprocess_selftest(encoder, conv, dev)  # refuses a broken transform before anything is written
     with st.write_lock(store_path):
         s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
@@ -176,6 +178,7 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
                               [row_of[i] for i, _ in todo] if from_store else None)
             _run(ds, encoder, run, row_of, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
                  total=len(entries), initial=n_resumed)
+            cfg["selftest"]["determinism"] = recheck_run(ds, encoder, run, dev)
         shards = run.shards()
         bad = {}
         for p in shards:

@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..metrics import paired_bootstrap
-from ..results import predictions_frame, write_results
+from ..metrics import holm, paired_bootstrap
+from ..atomic import atomic_write_text
+from ..results import json_text, predictions_frame, write_results
 
 BASELINE_HEAD = "logreg"
 
@@ -33,19 +34,6 @@ class Anchoring:
     rows: list[BaselineRow]
     comparisons: list[dict]  # encoder row, baseline, diff, ci, p, p_holm
     notes: list[str] = field(default_factory=list)
-
-
-def holm(p: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
-    p = np.asarray(p, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
 
 
 def read_predictions(folder: Path) -> pd.DataFrame:
@@ -95,8 +83,9 @@ def score_baselines(report, settings, names: Sequence[str], group_by: str | None
             rep = run_probe(data.store, folder, key=keys[name], group_by=group_by, splits_path=str(report.out / "splits.json"),
                             settings=sub, progress=progress)
             notes += [f"baseline {name}: {n}" for n in rep.notes if n not in report.notes]
-            record = rep.results[0].record
+            record = rep.results[0].record | {"baseline": name}
             folder = rep.results[0].folder
+            atomic_write_text(folder / "metrics.json", json_text(record))  # marks the row a baseline for compare
         rows.append(BaselineRow(name=name, folder=folder, record=record))
     comparisons = compare_rows([(f"{data.key}/{r.head}", r.folder) for r in report.results],
                                [(b.name, b.folder) for b in rows], report.classes, settings.n_boot)

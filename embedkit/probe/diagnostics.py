@@ -33,7 +33,8 @@ def convergence_notes(head: str, record: dict) -> list[str]:
         return []
     chosen = record.get("hyperparameters", {}).get("C")
     hit = any(s.get("C") == chosen for s in bad)
-    return [f"{head}: did NOT converge within --max-iter for C={', '.join(f'{s.get('C'):g}' for s in bad)}"
+    values = ", ".join(f"{s.get('C'):g}" for s in bad)
+    return [f"{head}: did NOT converge within --max-iter for C={values}"
             + (" (including the chosen C)" if hit else "") + "; raise --max-iter"]
 
 

@@ -243,7 +243,7 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     if s.baselines:
         from ..baselines.anchoring import score_baselines
 
-        report.anchoring = score_baselines(report, s, group_by, device=s.head_options.device, progress=progress)
+        report.anchoring = score_baselines(report, s, s.baselines, group_by, device=s.head_options.device, progress=progress)
         notes += report.anchoring.notes
     atomic_write_text(out / "summary.md", summary_markdown(report))
     return report
