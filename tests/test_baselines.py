@@ -55,7 +55,7 @@ def test_self_test_catches_planted_preprocessing_bugs():
     with pytest.raises(EmbedkitError, match="double rescaling"):
         preprocess_selftest(enc, Conversion(), transform=lambda rgb, pre: to_tensor(rgb / 255.0, pre))
     with pytest.raises(EmbedkitError, match="outside the expected range"):
-        preprocess_selftest(enc, Conversion(), transform=lambda rgb, pre: to_tensor(rgb * 255.0, pre))
+        preprocess_selftest(enc, Conversion(), transform=lambda rgb, pre: to_tensor(rgb, pre) * 255.0)
     with pytest.raises(EmbedkitError, match="constant"):
         preprocess_selftest(enc, Conversion(), transform=lambda rgb, pre: to_tensor(rgb * np.array([1, 1, 0.0]), pre))
 
