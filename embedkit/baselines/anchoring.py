@@ -112,10 +112,15 @@ def compare_rows(encoders: Sequence[tuple[str, Path]], baselines: Sequence[tuple
     return out
 
 
+def _p(p: float) -> str:
+    """A bootstrap p-value as text (0 means below the bootstrap's resolution)."""
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+
 def verdict(c: dict) -> str:
     """One plain sentence: does the encoder row beat the baseline?"""
     lo, hi = c["ci"]
-    text = f"{c['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] balanced accuracy (Holm p = {c['p_holm']:.3g})"
+    text = f"{c['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] balanced accuracy (Holm p {_p(c['p_holm'])})"
     if lo > 0:
         return f"{c['encoder']} beats {c['baseline']} by {text}"
     if hi < 0:
@@ -131,6 +136,6 @@ def difference_table(anch: Anchoring) -> list[list[str]]:
         cells = []
         for e in encoders:
             c = next((c for c in anch.comparisons if c["encoder"] == e and c["baseline"] == b.name), None)
-            cells.append("" if c is None else f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] p={c['p_holm']:.2g}")
+            cells.append("" if c is None else f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] p{_p(c['p_holm']).replace(' ', '')}")
         rows.append([b.name] + cells)
     return rows
