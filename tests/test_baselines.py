@@ -92,4 +92,4 @@ def test_baselines_appear_in_compare(anchored, tmp_path):
 
 def test_no_baselines_flag(lite0_store_ro, tmp_path):
     proc = run_cli("probe", lite0_store_ro, "--heads", "knn", "--no-baselines", "--out", tmp_path / "r", "--quiet")
-    assert "baseline" not in proc.stdout and not (tmp_path / "r" / "baselines").exists()
+    assert "baseline random-init" not in proc.stdout and "beat" not in proc.stdout and not (tmp_path / "r" / "baselines").exists()
