@@ -27,6 +27,7 @@ from .encoders import Encoder, Preprocess
 from .engines.preprocess import device_batch, group_by_shape, resize_normalise
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
+from .selftest import preprocess_selftest, recheck_run
 from .sources import Source
 
 
@@ -178,6 +179,7 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
         raise EmbedkitError(f"preprocess={preprocess!r}: choose auto, workers or device")
     dev = resolve_device(device) if engine is None else None
     t0 = time.perf_counter()
+    cfg["selftest"] = preprocess_selftest(encoder, conv, dev or torch.device("cpu"))  # refuses a broken transform before anything is written
     with st.write_lock(store_path):
         s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
@@ -216,6 +218,7 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
                 _run(work, dev, workers, on_device, progress, total=len(entries), initial=n_resumed)
             else:
                 engine.embed(work, device, progress=progress, total=len(entries), initial=n_resumed)
+            cfg["selftest"]["determinism"] = recheck_run(work.dataset(), encoder, run, dev or torch.device("cpu"))
         shards = run.shards()
         bad = {}
         for p in shards:

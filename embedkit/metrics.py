@@ -164,3 +164,16 @@ def mcnemar(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:
     stat = (abs(n01 - n10) - 1) ** 2 / n
     return {"a_only_correct": n01, "b_only_correct": n10, "statistic": float(stat), "p_value": float(chi2.sf(stat, 1)),
             "method": "chi-squared with continuity correction"}
+
+
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()

@@ -23,7 +23,7 @@ import numpy as np
 from .atomic import atomic_path, atomic_write_text
 from .errors import EmbedkitError
 from .figures import pyplot
-from .metrics import mcnemar, paired_bootstrap
+from .metrics import holm, mcnemar, paired_bootstrap
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -142,7 +142,7 @@ def summary_rows(results: list[Result]) -> list[dict]:
     rows = []
     for r in results:
         rec = r.record
-        row = {"name": r.name, "path": str(r.path), "kind": rec.get("kind", ""), "encoder": rec.get("encoder", ""),
+        row = {"name": r.name, "path": str(r.path), "kind": "baseline" if rec.get("baseline") else rec.get("kind", ""), "encoder": rec.get("encoder", ""),
                "head": rec.get("head", ""), "model": rec.get("model", ""), "n_test": int(rec["metrics"].get("n", len(r.pred))),
                "n_test_groups": rec.get("n_test_groups"), "n_runs": len(rec.get("runs", {})) or 1,
                "splits_fingerprint": r.fingerprint or ""}
@@ -270,8 +270,8 @@ def _fmt_p(p: float) -> str:
 
 TABLE_HEAD = ["#", "result", "kind", "encoder / model", "head", "test items", "balanced accuracy [95% CI]",
               "macro-F1 [95% CI]", "AUROC [95% CI]", "training time", "inference"]
-PAIR_HEAD = ["A", "B", "paired items (groups)", "Δ balanced accuracy B − A [95% CI]", "p (bootstrap)",
-             "McNemar: only A right / only B right", "McNemar p", "note"]
+PAIR_HEAD = ["A", "B", "paired items (groups)", "Δ balanced accuracy B − A [95% CI]", "p (group bootstrap)",
+             "McNemar: only A right / only B right", "McNemar p (items, ignores groups)", "note"]
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
@@ -290,7 +290,8 @@ def pair_cells(pairs: list[dict]) -> list[list[str]]:
             continue
         mc = p["mcnemar"]
         out.append([p["a"], p["b"], f"{p['n_paired']} ({p['n_groups']})",
-                    f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]", _fmt_p(p["p_boot"]),
+                    f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]",
+                    _fmt_p(p["p_holm"]) + " (Holm)" if "p_holm" in p else _fmt_p(p["p_boot"]),
                     f"{mc['a_only_correct']} / {mc['b_only_correct']}", _fmt_p(mc["p_value"]), p["note"]])
     return out
 
@@ -309,8 +310,9 @@ def render_markdown(rows: list[dict], pairs: list[dict], warnings: list[str]) ->
     lines += [""] + _md_table(TABLE_HEAD, table_cells(rows))
     if pairs:
         lines += ["", "## Paired tests on the same test items", "",
-                  "Δ is B − A; its CI comes from a paired bootstrap over test groups. McNemar counts items only one "
-                  "of the two got right.", ""]
+                  "Δ is B − A; its CI and p come from a paired bootstrap over test groups (the default test: cells of one "
+                  "group are not independent). When every row is tested against the best row, p is Holm-adjusted. "
+                  "McNemar counts single items, so it overstates significance; it is shown for reference.", ""]
         lines += _md_table(PAIR_HEAD, pair_cells(pairs))
     return "\n".join(lines) + "\n"
 
@@ -423,6 +425,9 @@ def compare_results(paths: Sequence[str | os.PathLike], *, out: str | os.PathLik
         best = by_name[rows[0]["name"]]
         chosen = [(best, by_name[r["name"]]) for r in rows[1:]]
     tests = [paired_test(a, b, n_boot=n_boot, seed=seed) for a, b in chosen]
+    tested = [t for t in tests if "p_boot" in t]
+    for t, p in zip(tested, holm([t["p_boot"] for t in tested]) if not pairs else [t["p_boot"] for t in tested]):
+        t["p_holm" if not pairs else "p_adjusted_none"] = p
     md = render_markdown(rows, tests, warnings)
     dest = Path(out) if out is not None else _default_out(paths)
     dest.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,9 @@ def mitocheck_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_store_ro(tmp_path_factory) -> Path:
-    """The bundled sample embedded once with the real efficientnet_lite0; treat as read-only."""
+    """The bundled sample embedded once with the real efficientnet_lite0 (plus its baseline keys); treat as read-only."""
     path = tmp_path_factory.mktemp("lite0") / "cells.h5"
-    run_cli("embed", MITOCHECK, "--store", path, "--group-by", "mitocheck", "--quiet")
+    run_cli("embed", MITOCHECK, "--store", path, "--group-by", "mitocheck", "--baselines", "--quiet")
     return path
 
 

@@ -29,12 +29,14 @@ from ..formats.options import expand_source, plane_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or missing images and list them in a report, instead of stopping.")
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --random-init weights (recorded in provenance).")
+@click.option("--baselines", is_flag=True, help="Also store the random-init (<key>@random-init) and handcrafted baseline keys that 'probe' compares against.")
 @engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @plane_options()
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, engine, address, replicas, quiet, z_rule,
-          t_frames, target_pixel_size):
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, seed, baselines, engine, address, replicas,
+          quiet, z_rule, t_frames, target_pixel_size):
     """Embed images with a frozen encoder into an HDF5 store.
 
     \b
@@ -66,7 +68,12 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
                    f"{len({it.group for it in src.items})} groups)", err=True)
     runner = engine_from_options(engine, address, replicas)
     with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
-        enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
+        if random_init and weights is None:
+            from ..baselines.random_init import random_encoder
+
+            enc = random_encoder(encoder, seed, pooling=pooling, image_size=image_size)
+        else:
+            enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
                         dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet,
                         engine=runner)
@@ -77,6 +84,13 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     click.echo(msg)
     if res.skipped:
         click.echo(f"skipped {len(res.skipped)} bad images; list in {res.report}", err=True)
+    if baselines:
+        from ..baselines import ensure_baselines
+        from ..store import Store
+
+        keys, _ = ensure_baselines(Store(store_path), res.key, ["random-init", "handcrafted"], seed=seed, device=device,
+                                   progress=not quiet)
+        click.echo(f"baselines stored under keys {', '.join(repr(k) for k in keys.values())}")
 
 
 @click.command()

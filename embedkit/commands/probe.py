@@ -41,16 +41,18 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--l2", is_flag=True, help="L2-normalise each vector first.")
 @click.option("--pca-whiten", is_flag=True, help="PCA-whiten (fitted on train) after standardising.")
 @click.option("--pca-dim", type=click.IntRange(1), help="Keep this many principal components when whitening.")
-@click.option("--C", "c_grid", default="1e-4,1e-3,1e-2,0.1,1,10,100", show_default=True,
+@click.option("--C", "c_grid", default="1e-6,1e-5,1e-4,1e-3,1e-2,0.1,1,10,100,1e3,1e4,1e5", show_default=True,
               help="Values of C tried for logreg and svm (chosen on validation).")
-@click.option("--k", "k_grid", default="1,3,5,10,20,50,100,200", show_default=True, help="Values of k tried for knn.")
+@click.option("--k", "k_grid", default="1,5,10,20,50,100,200", show_default=True, help="Values of k tried for knn.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, help="kNN vote temperature (DINO: 0.07).")
 @click.option("--max-iter", default=300, show_default=True, type=click.IntRange(1), help="L-BFGS iterations per C.")
 @click.option("--device", default="auto", show_default=True, help="Where logreg/svm are solved: auto (CUDA GPU when present), cpu, cuda or cuda:N.")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for CIs.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Score random-init, handcrafted and prior baselines on the same splits (missing keys are computed).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
-          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, quiet):
+          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, quiet):
     """Fit linear, SVM and kNN probes on stored embeddings and report test metrics with 95% CIs.
 
     \b
@@ -65,7 +67,8 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
       embedkit probe store/cells.h5 --encoder dinov2_vits14 --splits results/lite0/splits.json --out results/dino
     """
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
-    from ..probe.evaluate import summary_header
+    from ..baselines import BASELINES
+    from ..probe.evaluate import baseline_lines, summary_header
     from ..probe.heads import solver_device
     from ..splits import SplitSpec
     from ..store import Store
@@ -76,7 +79,7 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
                              pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
                              classes=[c.strip() for c in classes.split(",")] if classes else None,
-                             head_options=opts, n_boot=n_boot)
+                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else ())
     s = Store(store)
     if out is None:
         out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")
@@ -86,6 +89,8 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
         click.echo(f"note: {note}", err=True)
     click.echo(summary_header(report))
     click.echo(summary_table(report))
+    for line in baseline_lines(report):
+        click.echo(line)
     click.echo(f"results in {report.out}/ (splits: {report.out / 'splits.json'}, probes: {report.out}/<head>/probe)")
 
 

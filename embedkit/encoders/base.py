@@ -32,6 +32,7 @@ class Encoder(nn.Module):
         self.dim = dim
         self.weights_source = weights_source
         self.weights_fingerprint = weights_fingerprint
+        self.extra_config: dict = {}  # provenance added by wrappers (random-init seed, layer)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -72,6 +73,7 @@ class Encoder(nn.Module):
             "num_prefix_tokens": self.num_prefix_tokens,
             "dim": self.dim,
             "versions": {"torch": torch.__version__, "timm": version("timm"), "transformers": version("transformers")},
+            **self.extra_config,
         }
 
 

@@ -159,8 +159,15 @@ def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) 
         weights = source[5:]
     pooling = config.get("pooling")
     spec = get_spec(config["encoder"])
-    enc = create_encoder(config["encoder"], weights=weights, pooling=pooling if spec.is_vit or pooling else None,
-                         image_size=int(config["preprocess"]["size"]), pretrained=source != "random-init")
+    if config.get("random_seed") is not None:  # a seeded random-init baseline rebuilds bit for bit
+        from ..baselines.random_init import random_encoder
+
+        source = "seeded"
+        enc = random_encoder(config["encoder"], int(config["random_seed"]), pooling=pooling if spec.is_vit or pooling else None,
+                             image_size=int(config["preprocess"]["size"]))
+    else:
+        enc = create_encoder(config["encoder"], weights=weights, pooling=pooling if spec.is_vit or pooling else None,
+                             image_size=int(config["preprocess"]["size"]), pretrained=source != "random-init")
     if source != "random-init" and enc.weights_fingerprint != config.get("weights_fingerprint"):
         raise EmbedkitError(f"encoder {config['encoder']}: weights here (fingerprint {enc.weights_fingerprint}) differ from "
                             f"those the store was made with ({config.get('weights_fingerprint')}); pass the original --weights")

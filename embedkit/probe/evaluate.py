@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,9 +24,13 @@ from ..results import predictions_frame, write_results
 from ..splits import PARTS, Fold, Splits, SplitSpec, check_splits, load_or_make_splits
 from .data import ProbeData, load_probe_data
 from ..balance import normalise_balance
+from .diagnostics import search_notes
 from .features import Preprocessor, balance, threads_for
 from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
 from .saved import HEADS, Probe
+
+if TYPE_CHECKING:
+    from ..baselines.anchoring import Anchoring
 
 
 def parse_heads(spec: str | Sequence[str]) -> list[str]:
@@ -59,6 +63,7 @@ class ProbeSettings:
     classes: Sequence[str] | None = None
     head_options: HeadOptions = field(default_factory=HeadOptions)
     n_boot: int = 1000
+    baselines: Sequence[str] = ()  # random-init, handcrafted, prior (embedkit.baselines); the CLI asks for all
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(standardise=self.standardise, l2=self.l2, pca_whiten=self.pca_whiten, pca_dim=self.pca_dim)
@@ -81,6 +86,7 @@ class ProbeReport:
     results: list[HeadResult]
     notes: list[str]
     out: Path
+    anchoring: "Anchoring | None" = None  # baseline rows and paired differences (embedkit.baselines.anchoring)
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -222,7 +228,13 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
                                title=f"{data.key} / {head}")
         h["probe"].save(folder / "probe")
         results.append(HeadResult(head=head, folder=folder, record=record, probe=h["probe"]))
+    notes += search_notes(results)
     report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out)
+    if s.baselines:
+        from ..baselines.anchoring import score_baselines
+
+        report.anchoring = score_baselines(report, s, s.baselines, group_by, device=s.head_options.device, progress=progress)
+        notes += report.anchoring.notes
     atomic_write_text(out / "summary.md", summary_markdown(report))
     return report
 
@@ -335,14 +347,38 @@ def summary_rows(report: ProbeReport) -> list[list[str]]:
     several = len(report.run_names) > 1
     rows = [["head", "balanced acc [95% CI]"] + (["mean ± sd over runs"] if several else [])
             + ["macro-F1", "AUROC", "chosen", "fit s", "items/s"]]
-    for r in report.results:
-        m, ci, ar = r.record["metrics"], r.record["ci"], r.record["across_runs"]
+    named = [(r.head, r.record, _chosen_text(r)) for r in report.results]
+    if report.anchoring:
+        named += [(f"baseline {b.name}" + ("" if b.name == "prior" else " (logreg)"), b.record,
+                   "majority" if b.name == "prior" else _chosen_text(b)) for b in report.anchoring.rows]
+    for name, rec, chosen in named:
+        m, ci, ar = rec["metrics"], rec["ci"], rec["across_runs"]
         bci = ci.get("balanced_accuracy", [float("nan")] * 2)
-        rows.append([r.head, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
+        rows.append([name, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
                     + ([f"{ar['balanced_accuracy']['mean']:.3f} ± {ar['balanced_accuracy']['sd']:.3f}"] if several else [])
-                    + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", _chosen_text(r), f"{r.record['fit_seconds']:.2f}",
-                       f"{r.record['predict_items_per_second'] or 0:,.0f}"])
+                    + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", chosen, f"{rec['fit_seconds']:.2f}",
+                       f"{rec['predict_items_per_second'] or 0:,.0f}"])
     return rows
+
+
+def baseline_lines(report: ProbeReport) -> list[str]:
+    """The paired-difference table (encoder − baseline) and one plain sentence per baseline for the best head."""
+    from ..baselines.anchoring import difference_table, verdict
+
+    a = report.anchoring
+    if not a or not a.comparisons:
+        return []
+    lines = ["paired differences in balanced accuracy (encoder − baseline) on the same test items, 95% CI resampling "
+             "whole groups; p: group-paired bootstrap, Holm-adjusted over this table",
+             _fixed_width(difference_table(a))]
+    best = max(report.results, key=lambda r: r.record["metrics"]["balanced_accuracy"])
+    lines += [verdict(c) for c in a.comparisons if c["encoder"] == f"{report.data.key}/{best.head}"]
+    return lines
+
+
+def _fixed_width(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def summary_header(report: ProbeReport) -> str:
@@ -358,9 +394,7 @@ def summary_header(report: ProbeReport) -> str:
 
 def summary_table(report: ProbeReport) -> str:
     """Fixed-width table of every head's headline numbers, for the terminal."""
-    rows = summary_rows(report)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return _fixed_width(summary_rows(report))
 
 
 def summary_markdown(report: ProbeReport) -> str:
@@ -370,6 +404,9 @@ def summary_markdown(report: ProbeReport) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += ["", "Hyper-parameters were chosen on the validation part only. Per-head details: "
               + ", ".join(f"[{r.head}]({r.head}/summary.md)" for r in report.results) + "."]
+    extra = baseline_lines(report)
+    if extra:
+        lines += ["", "## Baselines", "", extra[0] + ".", "", "```", extra[1], "```", ""] + [f"- {v}" for v in extra[2:]]
     if report.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"

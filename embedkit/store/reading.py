@@ -158,11 +158,12 @@ class Store:
         return f["embeddings"][key]
 
     def resolve_key(self, key_or_encoder: str | None) -> str:
-        """Accept an embedding key or an encoder name; with one key in the store, None picks it."""
+        """Accept an embedding key or an encoder name; with one key in the store (baseline keys aside), None picks it."""
         keys = self.keys
         if key_or_encoder is None:
-            if len(keys) == 1:
-                return keys[0]
+            own = [k for k in keys if k != "handcrafted" and not k.endswith("@random-init")]  # baseline keys
+            if len(own) == 1:
+                return own[0]
             raise EmbedkitError(f"{self.path}: holds {len(keys)} embedding keys ({', '.join(keys) or 'none'}); choose one with --encoder")
         if key_or_encoder in keys:
             return key_or_encoder
