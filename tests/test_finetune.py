@@ -22,6 +22,8 @@ from embedkit.splits import Splits, make_splits
 
 # A tiny timm network from random weights at the crops' own 64 px: cheap enough for CPU tests.
 TINY = ["--model", "test_resnet", "--random-init", "--image-size", "64", "--lr", "3e-3", "--quiet"]
+# One intra-op thread: on a shared, oversubscribed machine two spinning threads make each step 10-30x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _history(out: Path) -> dict:
@@ -44,7 +46,7 @@ def probe_splits(probe_results) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(lite0_store_ro, probe_splits, probe_results) -> Path:
     out = probe_results / "finetune"
-    run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY)
+    run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY, env=ONE_THREAD)
     return out
 
 
@@ -135,7 +137,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mitocheck_dir, tmp_path)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "finetune", str(mitocheck_dir), "--epochs", str(epochs),
-                             "--out", str(killed), "--quiet", *RESUME], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             "--out", str(killed), "--quiet", *RESUME],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
                             cwd=str(ROOT), stdout=log, stderr=log)
     # Poll the run's own progress file (no fixed sleeps): kill as soon as two epochs are recorded.
     deadline = time.monotonic() + 3600  # a safety net only; the loop ends on progress or on the process exiting
@@ -150,10 +153,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mitocheck_dir, tmp_path)
     assert not done["finished"] and 2 <= len(done["history"]) < epochs, f"the run was not stopped mid-training: {output}"
     assert (killed / "train_state.safetensors").exists() and not (killed / "train_state.pt").exists()
 
-    resumed = run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", killed, *RESUME)
+    resumed = run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", killed, *RESUME, env=ONE_THREAD)
     m = re.search(rf"resuming {re.escape(str(killed))} after epoch (\d+)/{epochs}", resumed.stderr)
     assert m and 2 <= int(m.group(1)) < epochs, resumed.stderr[-2000:]
-    run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", whole, "--quiet", *RESUME)
+    run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", whole, "--quiet", *RESUME, env=ONE_THREAD)
 
     a, b = _history(whole), _history(killed)
     assert b["finished"] and len(b["history"]) == epochs
@@ -174,7 +177,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mitocheck_dir, tmp_path)
 
     # Another setting on the same folder is refused with one line; the finished results stay.
     before = (killed / "metrics.json").read_bytes()
-    bad = run_cli("finetune", mitocheck_dir, "--epochs", epochs + 1, "--out", killed, "--quiet", *RESUME, check=False)
+    bad = run_cli("finetune", mitocheck_dir, "--epochs", epochs + 1, "--out", killed, "--quiet", *RESUME, check=False,
+                  env=ONE_THREAD)
     assert bad.returncode == 2 and "other settings" in bad.stderr and "train.epochs: 6 before vs 7 now" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert (killed / "metrics.json").read_bytes() == before

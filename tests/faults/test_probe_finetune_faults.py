@@ -26,6 +26,7 @@ from conftest import MITOCHECK, ROOT, run_cli
 TINY_FT = ["--group-by", "mitocheck", "--test-size", "0.1", "--val-size", "0.1", "--samples-per-epoch", "32",
            "--model", "test_resnet", "--random-init", "--image-size", "32", "--epochs", "1", "--quiet"]
 CELL = sorted((MITOCHECK / "Anaphase").glob("*.png"))[0]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fast on a shared, oversubscribed machine
 
 
 def _cli(*args, fsize: int | None = None) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def _cli(*args, fsize: int | None = None) -> subprocess.CompletedProcess:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     return subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}, cwd=str(ROOT), timeout=900,
                           preexec_fn=limit if fsize else None)
 
 
@@ -66,7 +67,7 @@ def probe_dir(lite0_store_ro, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults-ft") / "ft"
-    run_cli("finetune", MITOCHECK, "--out", out, *TINY_FT)
+    run_cli("finetune", MITOCHECK, "--out", out, *TINY_FT, env=ONE_THREAD)
     return out
 
 
