@@ -19,7 +19,7 @@ DATA = ROOT / "tests" / "data"
 MITOCHECK = DATA / "mitocheck"
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = True, timeout: float = 3000, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m embedkit.cli ARGS`` against this checkout; returns the completed process."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
