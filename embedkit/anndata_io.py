@@ -49,5 +49,6 @@ def to_anndata(store: Store | str | os.PathLike, key: str | None = None, only_do
         obsm["spatial"] = yx[:, ::-1].copy()
     adata = anndata.AnnData(X=obsm[obsm_name(key)].copy(), obs=obs, obsm=obsm)
     adata.uns["embedkit"] = {"store": os.path.abspath(store.path), "key": key, "keys": list(store.keys),
+                             "config": json.dumps(store.config(key), default=str),
                              "configs": json.dumps({k: store.config(k) for k in store.keys}, default=str)}
     return adata

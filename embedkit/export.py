@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -26,13 +25,10 @@ def export_embeddings(store_path: str, key: str | None, fmt: str, out: str | Non
     if fmt not in ("h5ad", "csv", "npy"):
         raise EmbedkitError(f"unknown export format {fmt!r}; choose h5ad, csv or npy")
     with atomic_path(out) as tmp:  # a full disk is one line and leaves no temp file
-        if fmt == "h5ad":
-            import anndata
+        if fmt == "h5ad":  # every key in obsm, views as X_tsne/X_umap, centroids as obsm['spatial']
+            from .anndata_io import to_anndata
 
-            obs.index = obs["id"].astype(str).values
-            adata = anndata.AnnData(X=X, obs=obs.astype({c: str for c in obs.columns if obs[c].dtype == object}))
-            adata.uns["embedkit"] = {"store": os.path.abspath(store_path), "key": key, "config": json.dumps(s.config(key))}
-            adata.write_h5ad(tmp)
+            to_anndata(s, key, only_done).write_h5ad(tmp)
         elif fmt == "csv":
             import pandas as pd
 
