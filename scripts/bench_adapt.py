@@ -13,6 +13,7 @@ Measured in one run, CPU only, everything at 96 px:
   paired group-bootstrap CI of the difference and McNemar's test; also head against same head.
 
 Usage: python scripts/bench_adapt.py [--data ../shared/data] [--budget-minutes 25] [--method simclr]
+       python scripts/bench_adapt.py --method dino --reuse-frozen --out bench/adapt_dino.json   # same baseline
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from bench_finetune import CPU_SECONDS, ROOT, THREADS, best_probe, cli, has_comm
 TARGET = "lower bound of the 95% CI of (adapted - frozen) balanced accuracy, best probes, above 0"
 
 
-def calibrate(store: Path, splits: Path, work: Path, args, log: Path) -> float:
+def calibrate(source: Path, splits: Path, work: Path, args, log: Path) -> float:
     """Images per second of the adaptation loop on this machine now (two batches at the benchmark's settings)."""
     out = work / "calibration"
-    cli("adapt", store, *common(args), "--splits", splits, "--exclude-split", "test", "--epochs", 1,
+    cli("adapt", source, *common(args), "--splits", splits, "--exclude-split", "test", "--epochs", 1,
         "--samples-per-epoch", 2 * args.batch_size, "--warmup-epochs", 0, "--out", out, "--quiet", log=log)
     hist = json.loads((out / "history.json").read_text())["history"]
     shutil.rmtree(out)
@@ -60,6 +61,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process (1 avoids spin-wait stalls on busy cores)")
+    ap.add_argument("--reuse-frozen", action="store_true",
+                    help="keep WORK/frozen (probe results and splits) from an earlier run and compare another method with it")
+    ap.add_argument("--keep-store", action="store_true", help="keep the store (result folders are always kept)")
     args = ap.parse_args()
 
     THREADS.update({k: str(args.threads) for k in THREADS})
@@ -71,39 +75,47 @@ def main() -> int:
         print("error: 'embedkit adapt' is not in this checkout", file=sys.stderr)
         return 2
     work = Path(args.work)
-    if work.exists():
+    frozen = work / "frozen"
+    splits = frozen / "splits.json"
+    reuse = args.reuse_frozen and splits.exists()
+    if work.exists() and not reuse:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    store, frozen, adapted, enc = work / "mitocheck.h5", work / "frozen", work / "adapted", work / "lite0-adapted"
+    store, adapted, enc = work / "mitocheck.h5", work / f"adapted_{args.method}", work / f"lite0-{args.method}"
+    for old in (adapted, enc, work / f"comparison_{args.method}"):
+        shutil.rmtree(old, ignore_errors=True)
     size = args.image_size
 
     t_all = time.perf_counter()
-    times = {"embed_frozen": cli("embed", mito, "--store", store, "--encoder", "efficientnet_lite0", "--image-size", size,
-                                 "--key", "frozen", "--group-by", "mitocheck", "--quiet", log=log)}
-    times["probe_frozen"] = cli("probe", store, "--encoder", "frozen", "--heads", "all", "--seed", args.seed,
-                                "--out", frozen, "--quiet", log=log)
-    splits = frozen / "splits.json"
+    times = {}
+    if not reuse:
+        times["embed_frozen"] = cli("embed", mito, "--store", store, "--encoder", "efficientnet_lite0", "--image-size",
+                                    size, "--key", "frozen", "--group-by", "mitocheck", "--quiet", log=log)
+        times["probe_frozen"] = cli("probe", store, "--encoder", "frozen", "--heads", "all", "--seed", args.seed,
+                                    "--out", frozen, "--quiet", log=log)
     t = time.perf_counter()
-    ips = calibrate(store, splits, work, args, log)
+    source = store if store.exists() else mito  # the store lists the same files under the same ids
+    ips = calibrate(source, splits, work, args, log)
     times["calibrate"] = time.perf_counter() - t
     n_images = int(args.budget_minutes * 60 * ips)
     per_epoch = max(args.batch_size, n_images // args.epochs)
-    times["adapt"] = cli("adapt", store, *common(args), "--splits", splits, "--exclude-split", "test",
+    times["adapt"] = cli("adapt", source, *common(args), "--splits", splits, "--exclude-split", "test",
                          "--epochs", args.epochs, "--samples-per-epoch", per_epoch, "--out", enc, "--quiet", log=log)
-    times["embed_adapted"] = cli("embed", mito, "--store", store, "--encoder", f"local:{enc}", "--key", "adapted",
+    key = f"adapted_{args.method}"
+    times["embed_adapted"] = cli("embed", mito, "--store", store, "--encoder", f"local:{enc}", "--key", key,
                                  "--group-by", "mitocheck", "--quiet", log=log)
-    times["probe_adapted"] = cli("probe", store, "--encoder", "adapted", "--heads", "all", "--splits", splits,
+    times["probe_adapted"] = cli("probe", store, "--encoder", key, "--heads", "all", "--splits", splits,
                                  "--out", adapted, "--quiet", log=log)
     best_frozen, val_frozen = best_probe(frozen)
     best_adapted, val_adapted = best_probe(adapted)
     heads = sorted(p.name for p in frozen.iterdir() if (p / "metrics.json").exists())
     pairs = [("--pair", best_frozen, best_adapted)] + [("--pair", frozen / h, adapted / h) for h in heads]
-    times["compare"] = cli("compare", frozen, adapted, "--out", work / "comparison",
+    times["compare"] = cli("compare", frozen, adapted, "--out", work / f"comparison_{args.method}",
                            *[x for p in pairs for x in p], log=log)
     total = time.perf_counter() - t_all
 
-    cmp = json.loads((work / "comparison" / "comparison.json").read_text())
+    cmp = json.loads((work / f"comparison_{args.method}" / "comparison.json").read_text())
     keep = ("balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi", "macro_f1", "accuracy", "n_test",
             "n_test_groups")
     rows = {f"{Path(r['path']).parent.name}/{Path(r['path']).name}": {k: r.get(k) for k in keep} for r in cmp["rows"]}
@@ -130,7 +142,8 @@ def main() -> int:
                        "base_weights_fingerprint": cfg["base_weights_fingerprint"],
                        "adapted_weights_fingerprint": cfg["weights_fingerprint"]},
         "cpu_seconds": CPU_SECONDS,
-        "wall_seconds": {**{k: round(v, 1) for k, v in times.items()}, "total": round(total, 1)},
+        "wall_seconds": {**{k: round(v, 1) for k, v in times.items()}, "total": round(total, 1),
+                         "frozen_reused_from_earlier_run": reuse},
         "best_probe": {"frozen": best_frozen.name, "frozen_val_balanced_accuracy": val_frozen,
                        "adapted": best_adapted.name, "adapted_val_balanced_accuracy": val_adapted,
                        "chosen_by": "validation balanced accuracy"},
@@ -147,12 +160,13 @@ def main() -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, out)
-    fa, aa = rows[f"frozen/{best_frozen.name}"], rows[f"adapted/{best_adapted.name}"]
+    fa, aa = rows[f"frozen/{best_frozen.name}"], rows[f"{adapted.name}/{best_adapted.name}"]
     print(f"frozen lite0 + {best_frozen.name}: {fa['balanced_accuracy']:.3f}; adapted ({args.method}, "
           f"{result['adaptation']['images_seen']} images in {cfg['fit_seconds'] / 60:.1f} min) + {best_adapted.name}: "
           f"{aa['balanced_accuracy']:.3f}; diff {best['diff_balanced_accuracy']:+.3f} "
           f"[{best['ci'][0]:+.3f}, {best['ci'][1]:+.3f}]; target met: {result['target_met']}; wrote {out}")
-    store.unlink(missing_ok=True)
+    if not args.keep_store:
+        store.unlink(missing_ok=True)
     return 0
 
 

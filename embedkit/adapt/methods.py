@@ -8,6 +8,7 @@ lightly; the backbones come from the encoder registry, so any registry encoder c
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -139,10 +140,8 @@ def build_method(name: str, make_encoder: Callable[[], Encoder], cfg: MethodConf
     """The method module for ``name`` (dino or simclr) around freshly built encoders."""
     if name not in METHODS:
         raise EmbedkitError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
-    try:
-        import lightly  # noqa: F401
-    except ImportError:
-        raise EmbedkitError("embedkit adapt needs the lightly package: pip install lightly") from None
+    if importlib.util.find_spec("lightly") is None:
+        raise EmbedkitError("embedkit adapt needs the lightly package: pip install 'embedkit[adapt]' (or lightly)")
     return (DINO if name == "dino" else SimCLR)(make_encoder, cfg)
 
 
