@@ -11,7 +11,7 @@ from . import __version__
 from .errors import EmbedkitError
 
 #: Command modules, one per stage. Each exposes ``COMMANDS``, a list of click commands.
-COMMAND_MODULES = ("embed", "store", "probe", "segment", "neighbors", "finetune", "explain")
+COMMAND_MODULES = ("embed", "store", "probe", "segment", "neighbors", "leaks", "finetune", "explain")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
