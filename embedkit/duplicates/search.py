@@ -23,7 +23,7 @@ from .prepare import Prepared, canvas, small_canvas
 #: Candidates per query from stage 1.
 K = 10
 #: Candidates verified together (one batched coarse search).
-BATCH = 5
+BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Thresholds:
     fine: float = 0.90
     coarse_gate: float = 0.55
     gate: float = 0.90
-    min_overlap: float = 0.4
+    min_overlap: float = 0.5
     min_side: int = 12
 
     def is_copy(self, m: Match) -> bool:
