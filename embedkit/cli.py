@@ -12,8 +12,8 @@ from .configfile import add_config_option
 from .errors import EmbedkitError
 
 #: Command modules, one per stage. Each exposes ``COMMANDS``, a list of click commands.
-COMMAND_MODULES = ("embed", "store", "segment", "probe", "finetune", "compare", "neighbors", "view", "explain", "adapt",
-                   "report", "run")
+COMMAND_MODULES = ("embed", "store", "segment", "probe", "finetune", "compare", "neighbors", "leaks", "view", "explain",
+                   "adapt", "report", "run")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,29 +1,35 @@
-"""Leak check: near-duplicate items on both sides of a split make test scores lie.
+"""Leak check: copies of one cell on both sides of a split make test scores lie.
 
-Group-aware splits keep one movie or well in one part, but the same cell can still reach both sides
-as a copy: an image exported twice, a flipped or rotated augmentation saved with the data, a crop
-re-segmented from an overlapping field. For every test item this finds its most similar items in the
-parts a model learns from (train, and val, which selects it) with FAISS, lists the pairs at or above a
-threshold, and ends with a one-line verdict. Groups that straddle parts are reported as leaks too.
+Public cell datasets often ship each source cell as many augmented copies (rotated by any angle,
+shifted, sheared, zoomed, brightened, re-compressed). If the grouping does not know about them, a split
+puts copies of one cell in train and in test. For every test item this finds its candidates among the
+items a model learns from (train, and val, which selects it) and verifies each candidate by aligning it
+onto the test item (:mod:`embedkit.duplicates`), lists the confirmed copies and ends with a one-line
+verdict. Groups that straddle parts are reported as leaks too.
 
-Two similarities (``by``):
+Two ways to compare (``by``):
 
-* ``pixels`` (default): correlation of flip-, rotation- and intensity-invariant pixel fingerprints
-  (:mod:`embedkit.fingerprints`). Threshold 0.975, from MitoCheck: augmented copies of a cell score
-  >= 0.993 with their original, distinct cells of other movies <= 0.96.
-* ``embedding``: cosine of the store key's vectors. Catches copies the encoder itself cannot tell
-  apart, but not rotated ones with CNN features (rotated copies fell to 0.78 with efficientnet_lite0),
-  and its scale depends on the encoder. Threshold 0.99 (distinct MitoCheck cells of other movies reach
-  0.986 with efficientnet_lite0).
+* ``pixels`` (default): the two-stage duplicate detector (rotation-, shift-, shear-, zoom- and
+  intensity-robust; thresholds in :class:`embedkit.duplicates.search.Thresholds`).
+* ``embedding``: cosine of the store key's vectors at or above a threshold (0.99). Catches copies the
+  encoder itself cannot tell apart, but not rotated ones with CNN features.
+
+The suggested grouping (:func:`suggest_groups`) is the connected components of the duplicate graph of
+all items, joined with the store's own groups; ``probe --group-by leaks:FILE`` reads it back with
+:func:`load_leak_groups`. :func:`quick_leak_check` is the fast check ``probe`` runs when the grouping
+looks suspicious (:func:`suspicious_grouping`).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .duplicates.search import K, Catalog, Thresholds, Verified, build_catalog, duplicate_pairs, find_copies
 from .errors import EmbedkitError
 from .images import Conversion
 from .neighbors import knn, l2_normalize
@@ -32,22 +38,25 @@ from .store import Store
 from .store_index import load_vectors
 
 BY = ("pixels", "embedding")
-DEFAULT_THRESHOLDS = {"pixels": 0.975, "embedding": 0.99}
-#: Neighbours examined per test item (and per orientation, for pixels).
-PAIRS_PER_ITEM = 5
+EMBEDDING_THRESHOLD = 0.99
 PAIR_COLUMNS = ["fold", "test_id", "test_label", "test_group", "seen_part", "seen_id", "seen_label", "seen_group",
-                "similarity", "pixel_similarity", "embedding_cosine"]
+                "similarity", "fine", "flat", "embedding_cosine"]
+GROUP_COLUMNS = ["id", "group", "previous_group", "copies"]
+#: Groups whose median size is at most this look too fine to hold the copies of one cell.
+FEW_PER_GROUP = 1.5
 
 
 @dataclass
 class LeakReport:
-    """Pairs at or above the threshold, per-fold summaries and the verdict."""
+    """Confirmed copy pairs, per-fold summaries, groups straddling parts, and the verdict."""
 
     pairs: object
     by: str
     threshold: float
     folds: list[dict] = field(default_factory=list)
     group_leaks: list[tuple[int, str, str]] = field(default_factory=list)
+    grouping_note: str | None = None
+    n_unchecked: int = 0
 
     @property
     def leaking(self) -> bool:
@@ -55,7 +64,11 @@ class LeakReport:
 
     @property
     def measure(self) -> str:
-        return "pixel similarity" if self.by == "pixels" else "embedding cosine"
+        return "aligned pixel correlation" if self.by == "pixels" else "embedding cosine"
+
+    @property
+    def criterion(self) -> str:
+        return "verified copy" if self.by == "pixels" else f"embedding cosine >= {self.threshold:.3f}"
 
     @property
     def verdict(self) -> str:
@@ -65,31 +78,163 @@ class LeakReport:
         if len(self.pairs):
             n_items = int(self.pairs.groupby("fold")["test_id"].nunique().sum())
             n_test = sum(f["n_test"] for f in self.folds)
-            parts.append(f"{n_items} of {n_test} test items{where} have a near-duplicate in train/val "
-                         f"({self.measure} >= {self.threshold:.3f}, top {self.pairs['similarity'].max():.3f})")
+            parts.append(f"{n_items} of {n_test} test items{where} have a copy in train/val ({self.criterion})")
         if self.group_leaks:
             parts.append(f"{len(self.group_leaks)} group(s) sit on both sides of the split "
                          f"(e.g. {self.group_leaks[0][1]!r} in fold {self.group_leaks[0][0]})")
         if parts:
-            return "LEAK: " + "; ".join(parts) + ". Test scores on these splits are inflated; remove the copies or regroup."
+            fix = ("regroup with the suggested grouping (--suggest-groups FILE, then probe --group-by leaks:FILE)"
+                   if len(self.pairs) else "regroup")
+            return "LEAK: " + "; ".join(parts) + f". Test scores on these splits are inflated; {fix}."
         tops = [f for f in self.folds if f["max_pair"]]
         top = max(tops, key=lambda f: f["max_similarity"]) if tops else None
-        closest = (f"; closest pair {top['max_similarity']:.3f} ({top['max_pair'][0]} ~ {top['max_pair'][1]})"
+        closest = (f"; closest candidate {top['max_similarity']:.3f} ({top['max_pair'][0]} ~ {top['max_pair'][1]})"
                    if top else "")
-        return f"clean: no test item has a train/val near-duplicate ({self.measure} >= {self.threshold:.3f}){where}{closest}"
+        line = f"clean: no test item has a copy in train/val ({self.criterion}){where}{closest}"
+        if self.n_unchecked:
+            line += f"; {self.n_unchecked} items too small to check"
+        if self.grouping_note:
+            line += (f". Note: {self.grouping_note}; this check sees copies, not other cells of the same image, "
+                     f"movie or well")
+        return line
+
+
+# --------------------------------------------------------------------------- reading items
+
+
+def item_conversion(store: Store, key: str | None) -> Conversion:
+    """The channel conversion the key's encoder saw (default conversion without a key)."""
+    return Conversion.from_dict(store.config(key).get("conversion")) if key else Conversion()
+
+
+def store_catalog(store: Store, rows: Sequence[int], conv: Conversion = Conversion(), progress: bool = False) -> Catalog:
+    """Duplicate-detector catalog of store items (catalog position i = ``rows[i]``)."""
+    from .fingerprints import iter_item_images
+
+    rows = np.asarray(rows, dtype=np.int64)
+    images = iter_item_images(store, rows, conv, what="the duplicate check")
+    return build_catalog((img for _, img in _in_order(images, len(rows))), n=len(rows), progress=progress)
+
+
+def _in_order(pairs, n: int):
+    """(position, item) pairs in position order (store pixels arrive sorted by row within each chunk)."""
+    pending: dict[int, object] = {}
+    nxt = 0
+    for j, item in pairs:
+        pending[j] = item
+        while nxt in pending:
+            yield nxt, pending.pop(nxt)
+            nxt += 1
+    if nxt != n:
+        raise EmbedkitError(f"only {nxt} of {n} item images were read")
+
+
+# --------------------------------------------------------------------------- grouping checks
+
+
+def suspicious_grouping(groups: Sequence[str]) -> str | None:
+    """Why these groups may not keep copies of one cell together, or None when they look plausible.
+
+    Suspicious: no group at all (empty strings), every item its own group, or very few items per group
+    (median group size <= 1.5)."""
+    g = np.asarray(groups, dtype=object).astype(str)
+    if len(g) < 2:
+        return None
+    if (g == "").all():
+        return "the items have no group column"
+    sizes = np.unique(g, return_counts=True)[1]
+    if len(sizes) == len(g):
+        return "every item is its own group"
+    if np.median(sizes) <= FEW_PER_GROUP:
+        return f"most groups hold a single item ({len(sizes):,} groups for {len(g):,} items)"
+    return None
+
+
+@dataclass
+class LeakVerdict:
+    """Result of the quick check: ``status`` is 'leak' or 'clean'; ``line`` is what to print."""
+
+    status: str
+    line: str
+    n_checked: int
+    n_flagged: int
+    examples: list[tuple[str, str]]
+    seconds: float
+
+    @property
+    def leaking(self) -> bool:
+        return self.status == "leak"
+
+
+def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str], *, key: str | None = None,
+                     max_items: int = 1000, k: int = 5, seed: int = 0, progress: bool = False,
+                     log: Callable[[str], None] | None = None) -> LeakVerdict:
+    """Fast copy check for ``probe``: do copies of one cell straddle the split (or the groups)?
+
+    With splits: up to ``max_items`` test items of fold 0 against that fold's train and val items. With
+    groups (aligned to store rows): up to ``max_items`` sampled items against all items of other groups."""
+    t0 = time.perf_counter()
+    store = store if isinstance(store, Store) else Store(store)
+    ids = store.ids
+    rng = np.random.default_rng(seed)
+    if isinstance(splits_or_groups, Splits):
+        fold = splits_or_groups.folds[0]
+        row_of = {str(i): r for r, i in enumerate(ids)}
+        test = np.array([row_of[i] for i in fold.test if i in row_of], dtype=np.int64)
+        seen = np.array([row_of[i] for i in (*fold.train, *fold.val) if i in row_of], dtype=np.int64)
+        queries = np.sort(rng.choice(test, min(max_items, len(test)), replace=False)) if len(test) else test
+        rows = np.union1d(queries, seen)
+        exclude = None
+        what = "test items"
+        where = "train/val"
+    else:
+        groups = np.asarray(splits_or_groups, dtype=object).astype(str)
+        if len(groups) != len(ids):
+            raise EmbedkitError(f"quick_leak_check: {len(groups)} groups for {len(ids)} store items")
+        rows = np.arange(len(ids))
+        queries = np.sort(rng.choice(rows, min(max_items, len(rows)), replace=False))
+        exclude = _same_group(groups, rows)
+        what = "sampled items"
+        where = "another group"
+    cat = store_catalog(store, rows, item_conversion(store, key if key or not store.keys else store.resolve_key(None)),
+                        progress=progress)
+    pos = {int(r): p for p, r in enumerate(rows)}
+    q_pos = np.array([pos[int(r)] for r in queries], dtype=np.int64)
+    pool_pos = np.array([pos[int(r)] for r in (seen if exclude is None else rows)], dtype=np.int64)
+    found = [v for v in find_copies(cat, q_pos, pool_pos, k=k, exclude=exclude, log=log) if v.copy]
+    flagged = {v.query for v in found}
+    examples = [(str(ids[rows[v.query]]), str(ids[rows[v.match]])) for v in found[:3]]
+    seconds = time.perf_counter() - t0
+    if flagged:
+        eg = f" (e.g. {examples[0][0]} ~ {examples[0][1]})"
+        line = (f"leak check: LEAK: {len(flagged)} of {len(q_pos)} {what} have a verified copy in {where}{eg}. "
+                f"Test scores are inflated; run 'embedkit leaks {store.path} --splits SPLITS --suggest-groups groups.csv' "
+                f"and probe again with --group-by leaks:groups.csv")
+        return LeakVerdict("leak", line, len(q_pos), len(flagged), examples, seconds)
+    line = f"leak check: clean: no copies found for {len(q_pos)} {what} in {where} ({seconds:.0f} s)"
+    return LeakVerdict("clean", line, len(q_pos), 0, [], seconds)
+
+
+def _same_group(groups: np.ndarray, rows: np.ndarray) -> Callable[[int, int], bool]:
+    g = groups[rows]
+    return lambda a, b: g[a] == g[b]
+
+
+# --------------------------------------------------------------------------- the split check
 
 
 def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "pixels", threshold: float | None = None,
-               folds: Sequence[int] | None = None, pairs_per_item: int = PAIRS_PER_ITEM, against: Sequence[str] = ("train", "val"),
-               progress: bool = False, log: Callable[[str], None] | None = None) -> LeakReport:
-    """Compare every test item of each fold with the ``against`` parts and collect near-duplicate pairs."""
+               folds: Sequence[int] | None = None, k: int = K, max_copies: int = 1,
+               against: Sequence[str] = ("train", "val"), thresholds: Thresholds = Thresholds(), progress: bool = False,
+               log: Callable[[str], None] | None = None) -> LeakReport:
+    """Check every test item of each fold against the ``against`` parts and collect confirmed copy pairs."""
     import pandas as pd
-
-    from .fingerprints import dihedral, item_fingerprints
 
     if by not in BY:
         raise EmbedkitError(f"--by {by!r}: choose {' or '.join(BY)}")
-    threshold = DEFAULT_THRESHOLDS[by] if threshold is None else float(threshold)
+    if by == "pixels" and threshold is not None:
+        raise EmbedkitError("--threshold applies to --by embedding; the pixel check verifies copies by alignment")
+    threshold = EMBEDDING_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= threshold <= 1.0:
         raise EmbedkitError(f"--threshold {threshold}: a similarity lies between -1 and 1")
     bad = [p for p in against if p not in PARTS or p == "test"]
@@ -100,35 +245,33 @@ def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "p
     ids, labels, groups = store.ids, store.labels, store.groups
     row_of = {str(i): r for r, i in enumerate(ids)}
     done = store.done(key) if key else np.zeros(len(ids), dtype=bool)
-    conv = Conversion.from_dict(store.config(key).get("conversion")) if key else Conversion()
     fold_ids = list(range(len(splits.folds))) if folds is None else list(folds)
     for f in fold_ids:
         if not 0 <= f < len(splits.folds):
             raise EmbedkitError(f"--fold {f}: the splits have folds 0..{len(splits.folds) - 1}")
-    need = sorted({row_of[i] for f in fold_ids for p in ("test", *against) for i in splits.folds[f].part(p) if i in row_of})
-    feats: dict[int, int] = {r: n for n, r in enumerate(need)}
     for f in fold_ids:  # unknown ids and missing vectors fail before any long step
         for p in ("test", *against):
             _rows(splits.folds[f].part(p), row_of, done if by == "embedding" else None, key, f, p)
-    need = np.array(need, dtype=np.int64)
-    if by == "pixels":
-        if log:
-            log(f"pixel fingerprints of {len(need):,} items")
-        fps = item_fingerprints(store, need, conv, progress=progress)
-    else:
-        _, fps = load_vectors(store, key, need)
-        fps = l2_normalize(fps)
+    need = np.array(sorted({row_of[i] for f in fold_ids for p in ("test", *against) for i in splits.folds[f].part(p)}),
+                    dtype=np.int64)
+    pos = {int(r): n for n, r in enumerate(need)}
     emb = None
-    if by == "pixels" and key and done[need].all():
+    if key and done[need].all():
         _, emb = load_vectors(store, key, need)
         emb = l2_normalize(emb)
+    cat = None
+    if by == "pixels":
+        if log:
+            log(f"duplicate descriptors of {len(need):,} items")
+        cat = store_catalog(store, need, item_conversion(store, key), progress=progress)
     records, summaries, group_leaks = [], [], []
+    n_unchecked = int((~cat.checkable(thresholds.min_side)).sum()) if cat is not None else 0
     for f in fold_ids:
         fold = splits.folds[f]
         test_rows = _rows(fold.test, row_of, None, key, f, "test")
         seen = [(p, _rows(fold.part(p), row_of, None, key, f, p)) for p in against]
-        seen_rows = np.concatenate([r for _, r in seen]) if seen else np.zeros(0, np.int64)
-        seen_part = np.concatenate([np.array([p] * len(r), dtype=object) for p, r in seen]) if seen else np.zeros(0, object)
+        part_of = {int(r): p for p, rr in seen for r in rr}
+        seen_rows = np.array(sorted(part_of), dtype=np.int64)
         for g in sorted(set(groups[test_rows]) & set(groups[seen_rows])):
             if g:
                 sides = sorted({p for p, r in seen if g in set(groups[r])})
@@ -136,63 +279,40 @@ def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "p
         summary = {"fold": f, "n_test": int(len(test_rows)), "n_seen": int(len(seen_rows)), "n_leaking": 0,
                    "max_similarity": float("nan"), "max_pair": None}
         if len(test_rows) and len(seen_rows):
-            t_pos = np.array([feats[r] for r in test_rows])
-            s_pos = np.array([feats[r] for r in seen_rows])
-            sims, nn = _compare(fps[t_pos], fps[s_pos], by, min(pairs_per_item, len(seen_rows)), progress, log,
-                                dihedral)
-            best = int(np.argmax(sims[:, 0]))
-            summary["max_similarity"] = float(sims[best, 0])
-            summary["max_pair"] = (str(ids[test_rows[best]]), str(ids[seen_rows[nn[best, 0]]]))
-            hit_q, hit_j = np.nonzero((sims >= threshold) & (nn >= 0))
-            summary["n_leaking"] = int(len(np.unique(hit_q)))
-            for q, j in zip(hit_q, hit_j):
-                t, s = test_rows[q], seen_rows[nn[q, j]]
-                sim = float(sims[q, j])
-                pix = sim if by == "pixels" else _pixel_similarity(store, conv, t, s)
-                cos = sim if by == "embedding" else (float(emb[feats[t]] @ emb[feats[s]]) if emb is not None else float("nan"))
-                records.append((f, str(ids[t]), str(labels[t]), str(groups[t]), str(seen_part[nn[q, j]]), str(ids[s]),
-                                str(labels[s]), str(groups[s]), sim, pix, cos))
+            if by == "pixels":
+                verified = find_copies(cat, [pos[int(r)] for r in test_rows], [pos[int(r)] for r in seen_rows], k=k,
+                                       max_copies=max_copies, thresholds=thresholds, progress=progress, log=log)
+                hits = [(need[v.query], need[v.match], v.result.mid, v.result.fine, v.result.flat) for v in verified if v.copy]
+                if verified:
+                    top = max(verified, key=lambda v: v.result.mid)
+                    summary["max_similarity"] = float(top.result.mid)
+                    summary["max_pair"] = (str(ids[need[top.query]]), str(ids[need[top.match]]))
+            else:
+                hits = _embedding_hits(emb, [pos[int(r)] for r in test_rows], [pos[int(r)] for r in seen_rows], need,
+                                       threshold, k, progress, log, summary, ids)
+            summary["n_leaking"] = len({t for t, *_ in hits})
+            for t, s, sim, fine, flat in hits:
+                cos = float(emb[pos[int(t)]] @ emb[pos[int(s)]]) if emb is not None else float("nan")
+                records.append((f, str(ids[t]), str(labels[t]), str(groups[t]), part_of[int(s)], str(ids[s]),
+                                str(labels[s]), str(groups[s]), float(sim), fine, flat, cos))
         summaries.append(summary)
     pairs = pd.DataFrame.from_records(records, columns=PAIR_COLUMNS).sort_values("similarity", ascending=False,
                                                                                  ignore_index=True)
-    return LeakReport(pairs, by, threshold, summaries, group_leaks)
+    note = suspicious_grouping(groups[need])
+    return LeakReport(pairs, by, threshold, summaries, group_leaks, note, n_unchecked)
 
 
-def _compare(test: np.ndarray, seen: np.ndarray, by: str, k: int, progress: bool, log, dihedral) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (similarity, seen index) per test item; for pixels the best over the 8 orientations of the test image."""
-    if by == "embedding":
-        return knn(seen, test, k, progress=progress, log=log)
-    variants = np.concatenate([dihedral(t) for t in test])  # [n_test * 8, d]
-    sims, nn = knn(seen, variants, k, progress=progress, log=log)
-    sims = sims.reshape(len(test), 8 * k)
-    nn = nn.reshape(len(test), 8 * k)
-    out_s = np.full((len(test), k), -np.inf, dtype=np.float32)
-    out_n = np.full((len(test), k), -1, dtype=np.int64)
-    order = np.argsort(-sims, axis=1, kind="stable")
-    for q in range(len(test)):
-        seen_j: set[int] = set()
-        c = 0
-        for o in order[q]:
-            j = int(nn[q, o])
-            if j < 0 or j in seen_j:
-                continue
-            seen_j.add(j)
-            out_s[q, c], out_n[q, c] = sims[q, o], j
-            c += 1
-            if c == k:
-                break
-    return out_s, out_n
-
-
-def _pixel_similarity(store: Store, conv: Conversion, a: int, b: int) -> float:
-    """Fingerprint similarity of two items (best orientation), NaN when an image cannot be read."""
-    from .fingerprints import dihedral, item_fingerprints
-
-    try:
-        fa, fb = item_fingerprints(store, [a, b], conv)
-    except EmbedkitError:
-        return float("nan")
-    return float((dihedral(fa) @ fb).max())
+def _embedding_hits(emb: np.ndarray, test_pos: list[int], seen_pos: list[int], need: np.ndarray, threshold: float,
+                    k: int, progress: bool, log, summary: dict, ids: np.ndarray) -> list[tuple]:
+    """(test row, seen row, cosine, nan, nan) of pairs whose embedding cosine reaches ``threshold``."""
+    test_pos, seen_pos = np.asarray(test_pos), np.asarray(seen_pos)
+    sims, nn = knn(emb[seen_pos], emb[test_pos], min(k, len(seen_pos)), progress=progress, log=log)
+    best = int(np.argmax(sims[:, 0]))
+    summary["max_similarity"] = float(sims[best, 0])
+    summary["max_pair"] = (str(ids[need[test_pos[best]]]), str(ids[need[seen_pos[nn[best, 0]]]]))
+    q, j = np.nonzero((sims >= threshold) & (nn >= 0))
+    return [(need[test_pos[a]], need[seen_pos[nn[a, b]]], float(sims[a, b]), float("nan"), float("nan"))
+            for a, b in zip(q, j)]
 
 
 def _rows(item_ids: Sequence[str], row_of: dict[str, int], done: np.ndarray | None, key: str | None, fold: int,
@@ -206,3 +326,95 @@ def _rows(item_ids: Sequence[str], row_of: dict[str, int], done: np.ndarray | No
         raise EmbedkitError(f"splits fold {fold} {part}: {int((~done[rows]).sum())} items have no vector under key "
                             f"{key!r}; run 'embedkit embed' to finish them, or use --by pixels")
     return rows
+
+
+# --------------------------------------------------------------------------- the suggested grouping
+
+
+@dataclass
+class GroupSuggestion:
+    """Per store row: the suggested group, the store's own group, and how many confirmed copies link it."""
+
+    ids: np.ndarray
+    groups: np.ndarray
+    previous: np.ndarray
+    copies: np.ndarray
+    pairs: list[Verified]
+
+    @property
+    def n_merged(self) -> int:
+        """Suggested groups that join items of more than one previous group."""
+        import pandas as pd
+
+        frame = pd.DataFrame({"g": self.groups, "p": self.previous})
+        return int((frame.groupby("g")["p"].nunique() > 1).sum())
+
+    def summary(self) -> str:
+        n_prev = len(set(self.previous.tolist()))
+        n_new = len(set(self.groups.tolist()))
+        return (f"{len(self.pairs):,} confirmed copy pairs; {n_prev:,} groups became {n_new:,} "
+                f"({self.n_merged:,} join items of several previous groups)")
+
+
+def suggest_groups(store_path: str, key: str | None = None, *, k: int = K, thresholds: Thresholds = Thresholds(),
+                   progress: bool = False, log: Callable[[str], None] | None = None) -> GroupSuggestion:
+    """Connected components of (confirmed copy pairs + the store's own groups) over all store items."""
+    from .duplicates.search import components
+
+    store = Store(store_path)
+    key = store.resolve_key(key) if store.keys else None
+    ids, groups = store.ids, np.asarray(store.groups, dtype=object).astype(str)
+    rows = np.arange(len(ids))
+    if log:
+        log(f"duplicate descriptors of {len(rows):,} items")
+    cat = store_catalog(store, rows, item_conversion(store, key), progress=progress)
+    pairs = duplicate_pairs(cat, k=k, thresholds=thresholds, progress=progress, log=log)
+    edges = [(v.query, v.match) for v in pairs]
+    first: dict[str, int] = {}
+    for r, g in enumerate(groups):
+        if g:
+            edges.append((first.setdefault(g, r), r))
+    labels = components(len(ids), edges)
+    copies = np.zeros(len(ids), dtype=np.int64)
+    for v in pairs:
+        copies[v.query] += 1
+        copies[v.match] += 1
+    width = len(str(max(labels.max(initial=0), 1)))
+    names = np.array([f"dup{c:0{width}d}" for c in labels], dtype=object)
+    return GroupSuggestion(ids, names, groups.astype(object), copies, pairs)
+
+
+def write_groups(path: str | os.PathLike, suggestion: GroupSuggestion) -> None:
+    """The suggested grouping as CSV (id, group, previous_group, copies), written atomically."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": suggestion.ids, "group": suggestion.groups, "previous_group": suggestion.previous,
+                          "copies": suggestion.copies}, columns=GROUP_COLUMNS)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_leak_groups(store: Store, path: str | os.PathLike) -> np.ndarray:
+    """Groups from a suggested-grouping CSV (id,group,...), aligned to the store's rows."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise EmbedkitError(f"leaks:{path}: cannot read the grouping file ({type(exc).__name__}: {exc})") from None
+    if not {"id", "group"} <= set(frame.columns):
+        raise EmbedkitError(f"leaks:{path}: needs columns id and group (have: {', '.join(frame.columns)}); "
+                            f"write one with 'embedkit leaks STORE --suggest-groups FILE'")
+    if frame["id"].duplicated().any():
+        raise EmbedkitError(f"leaks:{path}: item {frame['id'][frame['id'].duplicated()].iloc[0]!r} is listed twice")
+    group_of = dict(zip(frame["id"], frame["group"]))
+    ids = store.ids
+    missing = [i for i in ids if i not in group_of]
+    if missing:
+        raise EmbedkitError(f"leaks:{path}: {len(missing)} store item(s) have no group, e.g. {missing[0]!r}; "
+                            f"was it written for another store? Write it again with 'embedkit leaks {store.path} --suggest-groups FILE'")
+    out = np.array([group_of[i] for i in ids], dtype=object)
+    if (out == "").any():
+        raise EmbedkitError(f"leaks:{path}: {int((out == '').sum())} item(s) have an empty group")
+    return out

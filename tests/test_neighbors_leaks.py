@@ -1,83 +1,102 @@
-"""``embedkit leaks``: planted flipped/rotated/brightened copies of real cells across a split are caught; clean splits pass."""
+"""``embedkit leaks``: augmented copies of real cells across a random split are a leak; the suggested grouping
+keeps them together; clean group splits pass; groups straddling a split are a leak."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from conftest import run_cli
+import pytest
+from conftest import MITOCHECK, run_cli
 from PIL import Image
 
-COPIES = {"hflip": lambda a: a[:, ::-1], "rot90": lambda a: np.rot90(a),
-          "bright": lambda a: np.clip(np.rint(a.astype(np.float32) * 1.1), 0, 255).astype(a.dtype),
-          "exact": lambda a: a}
+SOURCES = 16
+COPIES = 3
 
 
-def _plant(store, test_ids: list[str], folder) -> dict[str, str]:
-    """Write an augmented copy of each test cell under its own new group, embed them with the real lite0; copy id -> original id."""
-    from embedkit.embed import embed
-    from embedkit.encoders import create_encoder
-    from embedkit.sources import discover
+@pytest.fixture(scope="module")
+def copies_store(tmp_path_factory):
+    """A store of 16 real cells (one per movie) and 3 augmented copies of each, every file its own group."""
+    from embedkit.duplicates.augment import augmented_copy
+
+    root = tmp_path_factory.mktemp("copies")
+    rng = np.random.default_rng(0)
+    seen_movies = set()
+    n = 0
+    for f in sorted(MITOCHECK.glob("*/*.png")):
+        movie = f.name.split("___")[0][:11] + f.name.split("___")[1]
+        if movie in seen_movies:
+            continue
+        seen_movies.add(movie)
+        (root / "cells" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        img = np.asarray(Image.open(f))
+        Image.fromarray(img).save(root / "cells" / f.parent.name / f"s{n:02d}_orig.png")
+        for c in range(COPIES):
+            Image.fromarray(augmented_copy(img, rng)).save(root / "cells" / f.parent.name / f"s{n:02d}_copy{c}.png")
+        n += 1
+        if n == SOURCES:
+            break
+    store = root / "copies.h5"
+    run_cli("embed", root / "cells", "--store", store, "--encoder", "efficientnet_lite0", "--image-size", "32",
+            "--group-by", "file", "--quiet")
+    return store
+
+
+def _source(item_id: str) -> str:
+    return item_id.split("/")[-1][:3]
+
+
+def test_copies_across_a_random_split_are_a_leak_and_the_suggested_grouping_fixes_it(copies_store, tmp_path):
+    from embedkit.leaks import load_leak_groups, quick_leak_check, suspicious_grouping
+    from embedkit.splits import make_splits
     from embedkit.store import Store
 
-    s = Store(store)
-    row_of = {str(i): r for r, i in enumerate(s.ids)}
-    folder.mkdir()
-    lines, planted = ["path,label,group"], {}
-    for n, (name, f) in enumerate(COPIES.items()):
-        orig = test_ids[n]
-        r = row_of[orig]
-        arr = np.asarray(Image.open(s.abspath(str(s.column("path")[r]))))
-        Image.fromarray(np.ascontiguousarray(f(arr))).save(folder / f"{name}.png")
-        lines.append(f"{name}.png,{s.labels[r]},planted_{n}")
-        planted[f"{name}.png"] = orig
-    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
-    embed(discover(str(folder / "manifest.csv")), store, create_encoder("efficientnet_lite0"), device="cpu", progress=False)
-    return planted
-
-
-def test_planted_copies_are_found_and_the_clean_split_is_clean(lite0_store, tmp_path):
-    from embedkit.splits import Fold, Splits, make_splits
-    from embedkit.store import Store
-
-    s = Store(lite0_store)
-    splits = make_splits(s.ids, s.labels, s.groups, test_size=0.25, val_size=0.2, seed=0)
-    splits.save(tmp_path / "clean.json")
-    clean = run_cli("leaks", lite0_store, "--splits", tmp_path / "clean.json", "--quiet", check=False)
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-    verdict = clean.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("clean: no test item has a train/val near-duplicate (pixel similarity >= 0.975)")
-
-    fold = splits.folds[0]
-    group_of = dict(zip(s.ids, s.groups))
-    originals, seen_groups = [], set()
-    for i in fold.test:  # one cell per movie, so each planted pair is unambiguous
-        if group_of[i] not in seen_groups:
-            seen_groups.add(group_of[i])
-            originals.append(i)
-    planted = _plant(lite0_store, originals, tmp_path / "planted")
-    Splits([Fold(train=fold.train + list(planted), val=fold.val, test=fold.test)]).save(tmp_path / "leaky.json")
-    leaky = run_cli("leaks", lite0_store, "--splits", tmp_path / "leaky.json", "--out", tmp_path / "pairs.csv",
-                    "--sheet", tmp_path / "pairs.png", "--quiet", check=False)
-    assert leaky.returncode == 1
-    verdict = leaky.stdout.strip().splitlines()[-1]
-    assert verdict.startswith(f"LEAK: {len(planted)} of {len(fold.test)} test items have a near-duplicate in train/val")
+    s = Store(copies_store)
+    assert suspicious_grouping(s.groups) == "every item is its own group"
+    random = make_splits(s.ids, s.labels, s.ids, test_size=0.25, val_size=0.2, seed=0)
+    random.save(tmp_path / "random.json")
+    proc = run_cli("leaks", copies_store, "--splits", tmp_path / "random.json", "--out", tmp_path / "pairs.csv",
+                   "--sheet", tmp_path / "pairs.png", "--suggest-groups", tmp_path / "groups.csv", "--quiet", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    verdict = proc.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("LEAK: ") and "have a copy in train/val (verified copy)" in verdict
     pairs = pd.read_csv(tmp_path / "pairs.csv")
-    found = set(zip(pairs["seen_id"], pairs["test_id"]))
-    assert set(planted.items()) <= found  # every flipped, rotated, brightened and exact copy
-    assert set(pairs["seen_id"]) == set(planted)  # and nothing but the planted copies
-    assert (pairs["similarity"] >= 0.975).all() and (pairs["seen_part"] == "train").all()
-    assert pairs.loc[pairs["seen_id"] == "rot90.png", "embedding_cosine"].iloc[0] < pairs["similarity"].min()
-    from PIL import Image as _Image
-
-    with _Image.open(tmp_path / "pairs.png") as im:
+    test_ids = random.folds[0].test
+    assert pairs["test_id"].nunique() >= 0.8 * len(test_ids)  # nearly every test item has a copy in train/val
+    assert (pairs["test_id"].map(_source) == pairs["seen_id"].map(_source)).all()  # and it is a copy of that cell
+    with Image.open(tmp_path / "pairs.png") as im:
         assert im.width > 400
 
-    # embedding cosine sees the exact copy; its verdict still says LEAK
-    emb = run_cli("leaks", lite0_store, "--splits", tmp_path / "leaky.json", "--by", "embedding", "--out",
-                  tmp_path / "emb.csv", "--quiet", check=False)
-    assert emb.returncode == 1 and "embedding cosine >= 0.990" in emb.stdout
-    emb_pairs = pd.read_csv(tmp_path / "emb.csv")
-    assert ("exact.png", planted["exact.png"]) in set(zip(emb_pairs["seen_id"], emb_pairs["test_id"]))
+    groups = pd.read_csv(tmp_path / "groups.csv", dtype=str)
+    assert list(groups.columns) == ["id", "group", "previous_group", "copies"]
+    by_source = groups.groupby(groups["id"].map(_source))["group"].nunique()
+    assert (by_source == 1).mean() >= 2 / 3  # most cells are one group with all their copies (12 of 16 when written)
+    assert groups.groupby("group")["id"].apply(lambda x: x.map(_source).nunique()).max() == 1  # never two cells
+
+    aligned = load_leak_groups(s, tmp_path / "groups.csv")
+    assert list(aligned) == list(groups.set_index("id").loc[list(s.ids), "group"])
+    grouped = make_splits(s.ids, s.labels, aligned, test_size=0.25, val_size=0.2, seed=0)
+    grouped.save(tmp_path / "grouped.json")
+    again = run_cli("leaks", copies_store, "--splits", tmp_path / "grouped.json", "--out", tmp_path / "again.csv",
+                    "--quiet", check=False)
+    assert "group(s) sit on both sides" not in again.stdout
+    remaining = pd.read_csv(tmp_path / "again.csv")["test_id"].nunique()
+    assert remaining <= 0.25 * pairs["test_id"].nunique(), again.stdout  # only copies the grouping missed
+
+    assert quick_leak_check(s, random).leaking
+    assert quick_leak_check(s, s.groups).status == "leak"  # each file its own group: copies straddle groups
+    clean = quick_leak_check(s, aligned)
+    assert clean.n_checked == len(s.ids) and clean.n_flagged <= 2
+
+
+def test_clean_group_split_of_real_cells_is_clean(lite0_store_ro, tmp_path):
+    from embedkit.splits import make_splits
+    from embedkit.store import Store
+
+    s = Store(lite0_store_ro)
+    make_splits(s.ids, s.labels, s.groups, test_size=0.25, val_size=0.2, seed=0).save(tmp_path / "clean.json")
+    proc = run_cli("leaks", lite0_store_ro, "--splits", tmp_path / "clean.json", "--quiet", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("clean: no test item has a copy in train/val")
 
 
 def test_groups_straddling_the_split_are_a_leak(lite0_store, tmp_path):
@@ -91,9 +110,23 @@ def test_groups_straddling_the_split_are_a_leak(lite0_store, tmp_path):
     moved = next(i for i in fold.test if test_groups.count(group_of[i]) > 1)  # its movie keeps cells in test
     rest = [i for i in fold.test if i != moved]
     Splits([Fold(train=fold.train + [moved], val=fold.val, test=rest)]).save(tmp_path / "bad.json")
-    proc = run_cli("leaks", lite0_store, "--splits", tmp_path / "bad.json", "--quiet", check=False)
+    proc = run_cli("leaks", lite0_store, "--splits", tmp_path / "bad.json", "--by", "embedding", "--quiet", check=False)
     assert proc.returncode == 1 and "1 group(s) sit on both sides" in proc.stdout.splitlines()[-1]
     assert f"group '{group_of[moved]}' is in test and train" in proc.stdout
+
+
+def test_bad_input_is_one_line(lite0_store_ro, tmp_path):
+    from embedkit.errors import EmbedkitError
+    from embedkit.leaks import load_leak_groups
+    from embedkit.store import Store
+
     (tmp_path / "other.json").write_text('{"folds": [{"train": ["nope.png"], "val": [], "test": []}]}')
-    err = run_cli("leaks", lite0_store, "--splits", tmp_path / "other.json", check=False)
+    err = run_cli("leaks", lite0_store_ro, "--splits", tmp_path / "other.json", check=False)
     assert err.returncode == 2 and "not in the store" in err.stderr
+    none = run_cli("leaks", lite0_store_ro, check=False)
+    assert none.returncode == 2 and "nothing to do" in none.stderr
+    thr = run_cli("leaks", lite0_store_ro, "--splits", tmp_path / "other.json", "--threshold", "0.9", check=False)
+    assert thr.returncode == 2 and "--threshold applies to --by embedding" in thr.stderr
+    (tmp_path / "g.csv").write_text("id,group\nnope.png,dup1\n")
+    with pytest.raises(EmbedkitError, match="have no group"):
+        load_leak_groups(Store(lite0_store_ro), tmp_path / "g.csv")

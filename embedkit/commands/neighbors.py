@@ -1,4 +1,4 @@
-"""``embedkit index``, ``embedkit neighbors``, and ``embedkit leaks``."""
+"""``embedkit index`` and ``embedkit neighbors`` (``leaks`` lives in commands/leaks.py, ``view`` in commands/view.py)."""
 
 from __future__ import annotations
 
@@ -132,56 +132,4 @@ def neighbors(store, query, key, k, sheet, exclude_same_group, csv_out, index_pa
         click.echo(f"wrote {path}")
 
 
-@click.command()
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--splits", "splits_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Splits JSON (from 'embedkit probe' or embedkit.splits).")
-@click.option("--by", type=click.Choice(["pixels", "embedding"]), default="pixels", show_default=True,
-              help="pixels: flip/rotation/intensity-invariant pixel fingerprints; embedding: cosine of the key's vectors.")
-@click.option("--encoder", "key", help=KEY_HELP + " Used for --by embedding and for the images' channel conversion.")
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Similarity at or above which a pair counts as a near-duplicate [default: 0.975 for pixels, "
-                   "0.99 for embedding; chosen on MitoCheck, see docs/neighbors.md].")
-@click.option("--fold", "folds", type=click.IntRange(0), multiple=True, help="Check only these folds [default: all].")
-@click.option("--out", "csv_out", type=click.Path(dir_okay=False), help="Write every pair found as CSV.")
-@click.option("--sheet", type=click.Path(dir_okay=False), help="Save the most similar pairs side by side (PNG).")
-@click.option("--show", default=20, show_default=True, type=click.IntRange(0), help="Pairs to print.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def leaks(store, splits_path, by, key, threshold, folds, csv_out, sheet, show, quiet):
-    """List near-duplicate items across the train/test split, and give a one-line verdict.
-
-    Every test item is compared with all train and validation items; pairs at or above --threshold are
-    listed. The default pixel fingerprints catch copies of a cell that were flipped, rotated or had their
-    intensity changed, which CNN embeddings do not see as similar. Groups placed on both sides of the
-    split are reported too. Exit status 1 when leaks are found, so pipelines can stop.
-    """
-    from ..leaks import find_leaks
-    from ..splits import Splits
-
-    splits = Splits.load(splits_path)
-    report = find_leaks(store, key, splits, by=by, threshold=threshold, folds=list(folds) or None, progress=not quiet,
-                        log=None if quiet else _echo_err)
-    pairs = report.pairs
-    if len(pairs) and show:
-        click.echo(f"{'fold':>4}  {'similarity':>10}  {'emb. cos':>8}  {'test item':<44} {'seen in':<7} item")
-        for r in pairs.head(show).itertuples(index=False):
-            other = r.embedding_cosine if by == "pixels" else r.pixel_similarity
-            click.echo(f"{r.fold:>4}  {r.similarity:>10.4f}  {other:>8.4f}  {r.test_id[-44:]:<44} {r.seen_part:<7} {r.seen_id}")
-        if len(pairs) > show:
-            click.echo(f"... {len(pairs) - show} more pairs" + ("" if csv_out else " (--out FILE lists them all)"))
-    for f, g, parts in report.group_leaks[:5]:
-        click.echo(f"fold {f}: group {g!r} is in {parts}")
-    if csv_out:
-        _write_csv(pairs, csv_out)
-    if sheet:
-        from ..sheets import pair_sheet
-
-        from ..store import Store
-
-        click.echo(f"wrote {pair_sheet(Store(store), key, pairs, sheet, threshold=report.threshold, measure=report.measure)}")
-    click.echo(report.verdict)
-    if report.leaking:
-        sys.exit(1)
-
-
-COMMANDS = [index, neighbors, leaks]
+COMMANDS = [index, neighbors]

@@ -1,0 +1,227 @@
+"""The two-stage copy search: FAISS candidates from small descriptors, then aligned verification.
+
+A :class:`Catalog` holds every item's uint8 canvas and stage-1 descriptor. :func:`find_copies` checks
+query items against a pool (a split's test items against its train and validation items);
+:func:`duplicate_pairs` checks every item against all others, for the suggested grouping. Each query's
+candidates are verified in the order of their descriptor similarity, and a query stops once it has
+``max_copies`` confirmed copies, so the cost stays near k verifications per clean item and a few per copy.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .align import Match, Query, match
+from .descriptors import DIM, describe, normalise
+from .prepare import Prepared, canvas, small_canvas
+
+#: Candidates per query from stage 1.
+K = 10
+#: Candidates verified together (one batched coarse search).
+BATCH = 2
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When an aligned pair counts as a copy.
+
+    A copy keeps its original's outline and texture (``mid``, the band-passed correlation) and either its
+    finest detail everywhere (``fine``) or its noise and texture away from outlines (``flat``). Distinct
+    cells that merely look alike reach a high ``mid`` and, through their outlines, a fairly high ``fine``,
+    but their noise is independent, so ``flat`` stays near 0. The rule is
+    ``(mid >= strict_mid and fine >= fine) or (mid >= mid and flat >= flat)``, over a compared region
+    of at least ``min_overlap`` of the query's central disc (two smooth blobs match on a sliver); ``gate`` values stop
+    hopeless candidates early; crops with a side below ``min_side`` pixels hold too little to judge and are
+    skipped. Defaults from scripts/bench_leaks.py (docs/leaks.md)."""
+
+    mid: float = 0.95
+    flat: float = 0.25
+    strict_mid: float = 0.98
+    fine: float = 0.90
+    coarse_gate: float = 0.55
+    gate: float = 0.90
+    min_overlap: float = 0.5
+    min_side: int = 12
+
+    def is_copy(self, m: Match) -> bool:
+        if m.overlap < self.min_overlap:
+            return False
+        return bool((m.mid >= self.strict_mid and m.fine >= self.fine) or (m.mid >= self.mid and m.flat >= self.flat))
+
+
+@dataclass
+class Catalog:
+    """Canvases (uint8), crop shapes [N, 2] and normalised stage-1 descriptors [N, DIM] of N items."""
+
+    canvases: list[np.ndarray]
+    shapes: np.ndarray
+    descriptors: np.ndarray
+    cache_size: int = 4096
+
+    def __post_init__(self):
+        self._cache: OrderedDict[int, Prepared] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    def prepared(self, i: int) -> Prepared:
+        """Prepared canvases of item ``i`` (kept in a small LRU cache)."""
+        p = self._cache.get(i)
+        if p is None:
+            h, w = self.shapes[i]
+            p = Prepared.from_canvas(self.canvases[i], int(h), int(w))
+            self._cache[i] = p
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
+        return p
+
+    def checkable(self, min_side: int) -> np.ndarray:
+        """Items whose crop is large enough to judge."""
+        return self.shapes.min(axis=1) >= min_side
+
+
+def build_catalog(images: Iterable[np.ndarray], n: int | None = None, progress: bool = False) -> Catalog:
+    """Canvases and descriptors of ``images`` (any size, grey or RGB, uint8 or float)."""
+    from tqdm.auto import tqdm
+
+    canvases, shapes, desc = [], [], []
+    for img in tqdm(images, total=n, unit="img", desc="duplicate descriptors", disable=not progress, file=sys.stderr,
+                    dynamic_ncols=True):
+        c, h, w = canvas(img)
+        canvases.append(c)
+        shapes.append((h, w))
+        small = small_canvas(c)
+        small = (small - small.mean()) / (small.std() + 1e-3)
+        desc.append(describe(small.astype(np.float32)))
+    d = np.stack(desc) if desc else np.zeros((0, DIM), np.float32)
+    return Catalog(canvases, np.asarray(shapes, dtype=np.int32).reshape(-1, 2), normalise(d)[0] if len(d) else d)
+
+
+@dataclass
+class Verified:
+    """One verified candidate pair (catalog positions) with its stage-1 rank and similarity."""
+
+    query: int
+    match: int
+    rank: int
+    candidate_similarity: float
+    result: Match
+    copy: bool
+
+
+def _candidates(cat: Catalog, queries: np.ndarray, pool: np.ndarray, k: int, exclude_self: bool,
+                log: Callable[[str], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    from ..neighbors import knn
+
+    if exclude_self:
+        sims, nn = knn(cat.descriptors[pool], cat.descriptors[pool], min(k, len(pool) - 1), method="exact", exclude_self=True,
+                       log=log)
+    else:
+        sims, nn = knn(cat.descriptors[pool], cat.descriptors[queries], min(k, len(pool)), method="exact", log=log)
+    return sims, nn
+
+
+def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[float], t: Thresholds, max_copies: int,
+                  skip: Callable[[int, int], bool] | None = None) -> list[Verified]:
+    query = Query(cat.prepared(q))
+    out: list[Verified] = []
+    found = 0
+    todo = [(r, int(c), float(s)) for r, (c, s) in enumerate(zip(cands, sims)) if c >= 0]
+    for b in range(0, len(todo), BATCH):
+        chunk = [x for x in todo[b:b + BATCH] if skip is None or not skip(q, x[1])]
+        if not chunk:
+            continue
+        results = match(query, [cat.prepared(c) for _, c, _ in chunk], coarse_gate=t.coarse_gate, gate=t.gate)
+        for (r, c, s), m in zip(chunk, results):
+            is_copy = t.is_copy(m)
+            out.append(Verified(q, c, r, s, m, is_copy))
+            found += is_copy
+        if found >= max_copies:
+            break
+    return out
+
+
+def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k: int = K, max_copies: int = 1,
+                thresholds: Thresholds = Thresholds(), exclude: Callable[[int, int], bool] | None = None,
+                progress: bool = False, log: Callable[[str], None] | None = None) -> list[Verified]:
+    """Verify each query's ``k`` stage-1 candidates in ``pool``; every verified pair (copies and not).
+
+    ``exclude(query, candidate)`` drops candidates before verification (a query itself always is)."""
+    from tqdm.auto import tqdm
+
+    queries = np.asarray(queries, dtype=np.int64)
+    pool = np.asarray(pool, dtype=np.int64)
+    ok = cat.checkable(thresholds.min_side)
+    queries, pool = queries[ok[queries]], pool[ok[pool]]
+    if not len(queries) or not len(pool):
+        return []
+    sims, nn = _candidates(cat, queries, pool, k, False, log)
+    out: list[Verified] = []
+    for qi in tqdm(range(len(queries)), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True):
+        q = int(queries[qi])
+        valid = nn[qi] >= 0
+        cands = pool[nn[qi][valid]]
+        keep = cands != q
+        if exclude is not None:
+            keep &= np.array([not exclude(q, int(c)) for c in cands], dtype=bool)
+        out += _verify_query(cat, q, cands[keep], sims[qi][valid][keep], thresholds, max_copies)
+    return out
+
+
+def duplicate_pairs(cat: Catalog, items: Sequence[int] | None = None, *, k: int = K, thresholds: Thresholds = Thresholds(),
+                    progress: bool = False, log: Callable[[str], None] | None = None) -> list[Verified]:
+    """Confirmed copy pairs among ``items`` (all by default): enough edges to connect every group of copies.
+
+    Pairs whose items are already connected through confirmed copies are not verified again."""
+    from tqdm.auto import tqdm
+
+    items = np.arange(len(cat)) if items is None else np.asarray(items, dtype=np.int64)
+    items = items[cat.checkable(thresholds.min_side)[items]]
+    if len(items) < 2:
+        return []
+    sims, nn = _candidates(cat, items, items, k, True, log)
+    parent = np.arange(len(cat))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    verified: set[tuple[int, int]] = set()
+
+    def skip(a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in verified or root(a) == root(b)
+
+    out: list[Verified] = []
+    for qi in tqdm(range(len(items)), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True):
+        q = int(items[qi])
+        valid = nn[qi] >= 0
+        cands = items[nn[qi][valid]]
+        for v in _verify_query(cat, q, cands, sims[qi][valid], thresholds, max_copies=len(cands), skip=skip):
+            verified.add((min(v.query, v.match), max(v.query, v.match)))
+            if v.copy:
+                parent[root(v.query)] = root(v.match)
+                out.append(v)
+    return out
+
+
+def components(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Connected-component label (0..) of each of ``n`` items under the given edges, numbered by first item."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = {}
+    return np.array([first.setdefault(int(l), len(first)) for l in labels], dtype=np.int64)

@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Benchmark the duplicate (leak) detector on augmented copies of real cells; writes JSON (bench/leaks.json).
+
+Data (``--data``): the MitoCheck cells and the DSB2018 nuclei. Crops that share pixels are one source:
+MitoCheck cells of one movie and frame closer than a crop width, and DSB nuclei are cut as 48-pixel
+windows chosen so that no two windows of one field overlap. Each of ``--sources`` source crops per
+dataset gets ``--copies`` seeded augmented copies (embedkit.duplicates.augment: any rotation, mirror,
+shift up to 20 %, shear up to 0.2, zoom 0.8-1.2 per axis, black/nearest/reflect border, brightness and
+contrast +-30 %, JPEG quality 60-95); every other crop of the dataset joins untouched.
+
+Measured, per dataset, each against the previous detector (dihedral pixel fingerprints, threshold 0.975)
+run on the same splits:
+
+* **recall**: random 80/20 split of all items ignoring sources; the share of test items with a copy (or
+  their original) in train that are flagged, and whether the flagged partner is really of their source;
+* **false flags**: split by source (whole sources to one side); every flag is false. Broken down into
+  untouched crops and copies. Also DSB nuclei bounding-box crops (not square) split by field, and
+  untouched MitoCheck cells of single movies split at random within the movie;
+* **time**: catalog (descriptors) and the test-vs-train check on a random split, for ``--sizes`` items
+  made of sources and copies of both datasets, wall-clock and CPU seconds, and the suggested grouping
+  (all items against all) for the smallest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+MITOCHECK_NAME = re.compile(r"PLLT(\d+_\d+)--.*?___P(\d+_\d+)___T(\d+)___X(\d+)___Y(\d+)")
+WINDOW = 48
+
+
+def log(msg: str) -> None:
+    print(f"[bench_leaks {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Crops:
+    """Crops of one dataset with the source they belong to (crops sharing pixels share a source) and a group."""
+
+    images: list[np.ndarray]
+    source: np.ndarray
+    group: np.ndarray  # movie (MitoCheck) or field (DSB)
+    meta: dict = field(default_factory=dict)
+
+
+def _union_find_labels(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    from embedkit.duplicates.search import components
+
+    return components(n, pairs)
+
+
+def load_mitocheck(folder: Path) -> Crops:
+    """All MitoCheck cells; a source is a set of crops of one movie frame that overlap."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*/*.png"))
+    images, movie, frame, xy = [], [], [], []
+    for f in files:
+        m = MITOCHECK_NAME.search(f.name)
+        with Image.open(f) as im:
+            images.append(np.asarray(im.convert("L")))
+        movie.append(f"{m.group(1)}_{m.group(2)}")
+        frame.append(int(m.group(3)))
+        xy.append((int(m.group(4)), int(m.group(5))))
+    movie, frame, xy = np.array(movie), np.array(frame), np.array(xy)
+    pairs = []
+    side = images[0].shape[0]
+    for key in set(zip(movie, frame)):
+        idx = np.flatnonzero((movie == key[0]) & (frame == key[1]))
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                if np.all(np.abs(xy[idx[a]] - xy[idx[b]]) < side):
+                    pairs.append((int(idx[a]), int(idx[b])))
+    return Crops(images, _union_find_labels(len(images), pairs), movie, {"frame": frame, "xy": xy,
+                                                                         "names": [f.name for f in files]})
+
+
+def load_dsb(folder: Path, rng: np.random.Generator) -> tuple[Crops, Crops]:
+    """(48-pixel windows around nuclei, no two of a field overlapping; tight bounding-box crops of all nuclei)."""
+    import tifffile
+    from PIL import Image
+    from skimage.measure import regionprops
+
+    windows, w_field, boxes, b_field = [], [], [], []
+    for lab_path in sorted((folder / "labels").glob("*.tif")):
+        labels = tifffile.imread(lab_path)
+        with Image.open(folder / "images" / f"{lab_path.stem}.png") as im:
+            field_img = np.asarray(im.convert("L"))
+        height, width = field_img.shape
+        taken: list[tuple[int, int]] = []
+        props = list(regionprops(labels))
+        for r in (props[i] for i in rng.permutation(len(props))):
+            y0, x0, y1, x1 = r.bbox
+            boxes.append(field_img[y0:y1, x0:x1].copy())
+            b_field.append(lab_path.stem)
+            if r.area < 30:
+                continue
+            cy, cx = (int(round(v)) for v in r.centroid)
+            top, left = cy - WINDOW // 2, cx - WINDOW // 2
+            if top < 0 or left < 0 or top + WINDOW > height or left + WINDOW > width:
+                continue  # windows reaching past the field would be zero-padded: all such crops look alike
+            if any(abs(cy - ty) < WINDOW and abs(cx - tx) < WINDOW for ty, tx in taken):
+                continue
+            taken.append((cy, cx))
+            windows.append(field_img[top:top + WINDOW, left:left + WINDOW].copy())
+            w_field.append(lab_path.stem)
+    w_field, b_field = np.array(w_field), np.array(b_field)
+    return (Crops(windows, np.arange(len(windows)), w_field),
+            Crops(boxes, np.arange(len(boxes)), b_field))
+
+
+@dataclass
+class Pool:
+    """Items of one experiment: source crops with their copies, plus untouched crops."""
+
+    images: list[np.ndarray]
+    source: np.ndarray
+    group: np.ndarray
+    kind: np.ndarray  # 'original', 'copy' or 'untouched'
+
+
+def with_copies(crops: Crops, n_sources: int, n_copies: int, rng: np.random.Generator) -> Pool:
+    """``n_sources`` crops (one per source) with ``n_copies`` augmented copies each, plus all crops of other sources."""
+    from embedkit.duplicates.augment import augmented_copy
+
+    first = {}
+    for i, s in enumerate(crops.source):
+        first.setdefault(int(s), i)
+    chosen = set(rng.choice(sorted(first), size=min(n_sources, len(first)), replace=False).tolist())
+    images, source, group, kind = [], [], [], []
+    for i, img in enumerate(crops.images):
+        s = int(crops.source[i])
+        if s in chosen and first[s] != i:
+            continue  # other crops overlapping a chosen source would be partial copies; leave them out
+        images.append(img)
+        source.append(s)
+        group.append(crops.group[i])
+        kind.append("original" if s in chosen else "untouched")
+        if s in chosen:
+            for _ in range(n_copies):
+                images.append(augmented_copy(img, rng))
+                source.append(s)
+                group.append(crops.group[i])
+                kind.append("copy")
+    return Pool(images, np.array(source), np.array(group), np.array(kind))
+
+
+def random_split(n: int, rng: np.random.Generator, test: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    is_test = rng.random(n) < test
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def split_by(labels: np.ndarray, rng: np.random.Generator, test: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    uniq = np.unique(labels)
+    test_labels = set(uniq[rng.random(len(uniq)) < test].tolist())
+    is_test = np.array([x in test_labels for x in labels])
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def run_detector(images: list[np.ndarray], train: np.ndarray, test: np.ndarray, catalog=None) -> dict[int, int]:
+    """The new two-stage detector: test item -> the train item it was flagged with."""
+    from embedkit.duplicates.search import build_catalog, find_copies
+
+    cat = catalog if catalog is not None else build_catalog(images)
+    return {v.query: v.match for v in find_copies(cat, test, train) if v.copy}
+
+
+def run_fingerprints(images: list[np.ndarray], train: np.ndarray, test: np.ndarray, threshold: float = 0.975) -> dict[int, int]:
+    """The previous detector: best of 8 dihedral orientations of band-passed 32x32 fingerprints."""
+    from embedkit.fingerprints import dihedral, fingerprint
+    from embedkit.neighbors import search
+
+    fps = np.stack([fingerprint(np.asarray(im, np.float32)) for im in images])
+    variants = np.concatenate([dihedral(f) for f in fps[test]])
+    sims, nn = search(fps[train], variants, 1)
+    sims, nn = sims.reshape(len(test), 8), nn.reshape(len(test), 8)
+    best = sims.argmax(axis=1)
+    return {int(test[q]): int(train[nn[q, best[q]]]) for q in range(len(test)) if sims[q, best[q]] >= threshold}
+
+
+DETECTORS = {"two_stage": run_detector, "fingerprints_baseline": run_fingerprints}
+
+
+def recall(pool: Pool, rng: np.random.Generator) -> dict:
+    """Random split ignoring sources: flagged share of test items that have a same-source item in train."""
+    train, test = random_split(len(pool.images), rng)
+    train_sources = set(pool.source[train].tolist())
+    has_copy = np.array([pool.kind[q] != "untouched" and pool.source[q] in train_sources for q in test])
+    out = {"n_items": len(pool.images), "n_test": int(len(test)), "n_test_with_copy_in_train": int(has_copy.sum())}
+    for name, fn in DETECTORS.items():
+        t0 = time.perf_counter()
+        flagged = fn(pool.images, train, test)
+        hit = np.array([q in flagged for q in test])
+        right = [pool.source[flagged[q]] == pool.source[q] for q in test[has_copy] if q in flagged]
+        distinct = test[~has_copy]
+        out[name] = {"recall": float(hit[has_copy].mean()) if has_copy.any() else None,
+                     "partner_of_same_source": float(np.mean(right)) if right else None,
+                     "flagged_without_copy_in_train": int(hit[~has_copy].sum()),
+                     "n_without_copy_in_train": int(len(distinct)),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+        log(f"  recall {name}: {out[name]}")
+    return out
+
+
+def false_flags(images: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray, rng: np.random.Generator,
+                what: str) -> dict:
+    """Split by ``labels`` (sources, fields or single cells): every flag is false."""
+    train, test = split_by(labels, rng)
+    out = {"what": what, "n_items": len(images), "n_test": int(len(test))}
+    for name, fn in DETECTORS.items():
+        flagged = fn(images, train, test)
+        per_kind = {}
+        for k in np.unique(kinds[test]):
+            qs = test[kinds[test] == k]
+            n = sum(q in flagged for q in qs)
+            per_kind[str(k)] = {"flagged": int(n), "of": int(len(qs)), "rate": n / len(qs)}
+        n = len(flagged)
+        out[name] = {"flagged": n, "rate": n / max(len(test), 1), "by_kind": per_kind,
+                     "examples": [[int(q), int(p)] for q, p in list(flagged.items())[:5]]}
+        log(f"  false flags {what} {name}: {n} of {len(test)}")
+    return out
+
+
+def dataset_report(name: str, crops: Crops, args, rng: np.random.Generator) -> dict:
+    log(f"{name}: {len(crops.images)} crops, {len(np.unique(crops.source))} sources")
+    pool = with_copies(crops, args.sources, args.copies, rng)
+    log(f"{name}: pool of {len(pool.images)} items ({args.sources} sources x {args.copies} copies + untouched crops)")
+    rep = {"n_crops": len(crops.images), "n_pool": len(pool.images), "recall": recall(pool, rng)}
+    rep["false_flags_split_by_source"] = false_flags(pool.images, pool.source, pool.kind, rng, "split by source")
+    return rep
+
+
+def single_movies(crops: Crops, n_movies: int, rng: np.random.Generator) -> dict:
+    """Untouched MitoCheck cells of the largest movies, split at random within each movie (sources kept whole)."""
+    movies, counts = np.unique(crops.group, return_counts=True)
+    keep = np.isin(crops.group, movies[np.argsort(-counts)[:n_movies]])
+    idx = np.flatnonzero(keep)
+    return false_flags([crops.images[i] for i in idx], crops.source[idx], np.array(["untouched"] * len(idx)), rng,
+                       f"untouched cells of {n_movies} movies, split within each movie")
+
+
+def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Generator, grouping: bool) -> dict:
+    """Catalog + test-vs-train check (and optionally the all-items grouping) on ``size`` items."""
+    from embedkit.duplicates.augment import augmented_copy
+    from embedkit.duplicates.search import build_catalog, duplicate_pairs, find_copies
+
+    per = copies + 1
+    srcs = [("m", i) for i in np.unique(mito.source, return_index=True)[1]] + [("d", i) for i in range(len(dsb.images))]
+    order = rng.permutation(len(srcs))
+    images, source = [], []
+    for j in order:
+        if len(images) >= size:
+            break
+        kind, i = srcs[j]
+        img = (mito if kind == "m" else dsb).images[i]
+        n_copies = copies if len(srcs) * per >= size else int(np.ceil(size / len(srcs))) - 1
+        images.append(img)
+        source.append(j)
+        for _ in range(n_copies):
+            images.append(augmented_copy(img, rng))
+            source.append(j)
+    images, source = images[:size], np.array(source[:size])
+    train, test = random_split(len(images), rng)
+    out = {"n_items": len(images), "n_test": int(len(test)), "n_train": int(len(train))}
+    w0, c0 = time.perf_counter(), time.process_time()
+    cat = build_catalog(images)
+    out["catalog_seconds"] = round(time.perf_counter() - w0, 1)
+    out["catalog_cpu_seconds"] = round(time.process_time() - c0, 1)
+    w0, c0 = time.perf_counter(), time.process_time()
+    verified = find_copies(cat, test, train)
+    out["check_seconds"] = round(time.perf_counter() - w0, 1)
+    out["check_cpu_seconds"] = round(time.process_time() - c0, 1)
+    out["pairs_verified"] = len(verified)
+    out["total_seconds"] = round(out["catalog_seconds"] + out["check_seconds"], 1)
+    train_sources = set(source[train].tolist())
+    has = np.array([source[q] in train_sources for q in test])
+    flagged = {v.query for v in verified if v.copy}
+    out["recall"] = float(np.mean([q in flagged for q in test[has]])) if has.any() else None
+    if grouping:
+        w0, c0 = time.perf_counter(), time.process_time()
+        pairs = duplicate_pairs(cat)
+        out["grouping_seconds"] = round(time.perf_counter() - w0, 1)
+        out["grouping_cpu_seconds"] = round(time.process_time() - c0, 1)
+        out["grouping_edges"] = len(pairs)
+    log(f"  time {size}: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="Shared data folder (mitocheck/, dsb2018/).")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "leaks.json")
+    p.add_argument("--sources", type=int, default=300, help="Source crops per dataset that get copies.")
+    p.add_argument("--copies", type=int, default=20, help="Augmented copies per source.")
+    p.add_argument("--sizes", default="10000,100000", help="Item counts to time (comma separated; empty: none).")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not (args.data / "mitocheck").is_dir() or not (args.data / "dsb2018").is_dir():
+        print(f"bench_leaks: skipped: no mitocheck/ and dsb2018/ under {args.data} (pass --data)", file=sys.stderr)
+        return 0
+    import cv2
+
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(args.seed)
+    mito = load_mitocheck(args.data / "mitocheck")
+    windows, boxes = load_dsb(args.data / "dsb2018", rng)
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "load_average_at_start": os.getloadavg()},
+              "settings": {"sources": args.sources, "copies": args.copies, "seed": args.seed, "dsb_window": WINDOW}}
+    result["mitocheck"] = dataset_report("mitocheck", mito, args, rng)
+    result["mitocheck"]["false_flags_single_movies"] = single_movies(mito, 5, rng)
+    result["dsb"] = dataset_report("dsb windows", windows, args, rng)
+    result["dsb"]["false_flags_bounding_boxes"] = false_flags(
+        boxes.images, boxes.group, np.array(["untouched"] * len(boxes.images)), rng,
+        "tight bounding-box crops of distinct nuclei, split by field")
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    result["timing"] = [timing(mito, windows, n, args.copies, rng, grouping=(n == min(sizes))) for n in sizes]
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    os.replace(tmp, args.out)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
