@@ -169,12 +169,20 @@ def _manifest_rows(world: World, label_of_second: str = "") -> list[str]:
     return rows
 
 
-def _h5(work: Path, world: World, name: str, edit: Callable | None) -> Path:
-    """A copy of the world's store (and its side files) under ``name``, changed by ``edit(h5py.File)``."""
+def _h5(work: Path, world: World, name: str, edit: Callable | None, packed: bool = False) -> Path:
+    """A copy of the world's store (and its side files) under ``name``, changed by ``edit(h5py.File)``.
+
+    ``packed``: a self-contained copy (``embedkit store pack``), so that vectors can be damaged in place.
+    """
     import h5py
 
     dst = work / name
-    _copy_store(world, dst)
+    if packed:
+        from embedkit.store.tools import pack
+
+        pack(world.store, dst)
+    else:
+        _copy_store(world, dst)
     if edit is not None:
         with h5py.File(dst, "r+") as f:
             edit(f)
@@ -191,7 +199,9 @@ def _copy_store(world: World, dst: Path) -> None:
 
 
 def _first_key(f) -> str:
-    return sorted(f["embeddings"])[0]
+    """The encoder's key (baseline keys such as 'handcrafted' and '<key>@random-init' come after it)."""
+    keys = sorted(f["embeddings"])
+    return next((k for k in keys if k != "handcrafted" and "@" not in k), keys[0])
 
 
 def _nan_row(f) -> None:
@@ -311,7 +321,7 @@ BAD: dict[str, Maker] = {
     "string schema_version": lambda w, W: _h5(w, W, "schema.h5", lambda f: f.attrs.__setitem__("schema_version", "one")),
     "key without config": lambda w, W: _h5(w, W, "noconfig.h5", lambda f: f["embeddings"][_first_key(f)].attrs.__delitem__("config")),
     "store without items": lambda w, W: _h5(w, W, "noitems.h5", lambda f: f.__delitem__("items")),
-    "NaN row": lambda w, W: _h5(w, W, "nan.h5", _nan_row),
+    "NaN row": lambda w, W: _h5(w, W, "nan.h5", _nan_row, packed=True),
     # encoders, keys, splits, probes, models, results
     "unknown encoder": lambda w, W: "nope_net",
     "key ..": lambda w, W: (_victim(w), "..")[1],

@@ -99,9 +99,10 @@ def test_predict_refuses_a_broken_probe_json(case, expected, probe_dir, lite0_st
 def _nan_store(src: Path, dst: Path, rows: list[int]) -> list[str]:
     """A copy of ``src`` whose finished vectors at ``rows`` hold NaN; returns their ids."""
     from embedkit.store import Store
+    from embedkit.store.tools import pack
 
-    shutil.copy(src, dst)
-    (key,) = Store(dst).keys
+    pack(src, dst)  # self-contained, so the vectors can be damaged in place
+    key = Store(dst).resolve_key("efficientnet_lite0")
     assert Store(dst).done(key)[rows].all()
     with h5py.File(dst, "r+") as f:  # the damage: written straight through h5py, as any tool could
         ds = f["embeddings"][key]["vectors"]
