@@ -42,6 +42,7 @@ def test_each_process_draws_its_own_share():
     assert not set(shares[0]) & set(shares[1])
 
 
+@pytest.mark.timeout(1200)  # several interpreters start; slow on a loaded machine
 def test_two_processes_train_resume_after_a_kill_and_rank0_validates_on_everything(tmp_path):
     from embedkit.finetune import load_finetuned, preprocess_from
     from embedkit.finetune.data import CellDataset, load_items
@@ -78,7 +79,7 @@ def test_two_processes_train_resume_after_a_kill_and_rank0_validates_on_everythi
     label_of = dict(zip(items.ids, items.labels))
     val = list(splits.folds[0].val)
     classes = cfg["classes"]
-    ds = CellDataset(items, items.rows(val), np.array([classes.index(label_of[i]) for i in val]), preprocess_from(cfg),
+    ds = CellDataset(items, items.positions(val), np.array([classes.index(label_of[i]) for i in val]), preprocess_from(cfg),
                      Conversion())
     pred = predict(model, ds, torch.device("cpu"), batch_size=32)
     m = classification_metrics(ds.targets, pred.proba, classes)

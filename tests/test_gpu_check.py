@@ -52,6 +52,7 @@ def test_embed_with_device_preprocessing_equals_the_loader_path(tmp_path):
     assert np.isfinite(vecs["device"]).all() and np.abs(vecs["device"] - vecs["workers"]).max() <= 1e-5
 
 
+@pytest.mark.timeout(1200)  # several interpreters start; slow on a loaded machine
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must use the copy it installs

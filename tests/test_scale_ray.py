@@ -104,6 +104,7 @@ def test_ray_equals_local_and_survives_a_killed_worker(cluster, cells, encoder, 
     assert rep.n_shards == 3 and not rep.problems and not rep.strays
 
 
+@pytest.mark.timeout(1200)  # several interpreters start; slow on a loaded machine
 def test_a_killed_driver_resumes_from_the_shards_written(cluster, cells, local, tmp_path):
     path = tmp_path / "cells.h5"
     args = ("embed", cells, "--store", path, "--group-by", "mitocheck", "--image-size", SIZE, "--batch-size", BATCH,
