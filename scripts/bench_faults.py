@@ -47,8 +47,8 @@ def run_cases(world, work: Path, jobs: int, only: set[str]) -> dict:
         "cases_losing_files": sum(bool(o.changed) for o in outcomes),
         "wrong_exit_status": sum(o.returncode != 2 for o in outcomes),
         "pickle_payloads_run": sum(o.payload_ran for o in outcomes),
-        "failing_awaiting_store_branch": sorted(r["case"] for r in failing if r["fix_on_branch"] == "store"),
-        "failing_awaiting_cleanup_branch": sorted(r["case"] for r in failing if r["fix_on_branch"] == "cleanup"),
+        "failing_awaiting_a_branch": {b: sorted(r["case"] for r in failing if r["fix_on_branch"] == b)
+                                      for b in sorted({r["fix_on_branch"] for r in failing if r["fix_on_branch"]})},
         "failing_unexpectedly": sorted(r["case"] for r in failing if not r["fix_on_branch"]),
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
@@ -107,9 +107,9 @@ def main() -> None:
         setup = time.perf_counter() - t0
         cases = run_cases(world, tmp / "cases", args.jobs, {c for c in args.only.split(",") if c})
         print(f"{cases['cases']} cases: {cases['clean_errors']} clean errors, {cases['tracebacks']} tracebacks, "
-              f"{cases['files_lost']} files lost or changed; failing awaiting store {len(cases['failing_awaiting_store_branch'])}, "
-              f"cleanup {len(cases['failing_awaiting_cleanup_branch'])}, unexpected {len(cases['failing_unexpectedly'])}",
-              flush=True)
+              f"{cases['files_lost']} files lost or changed; failing awaiting "
+              + ", ".join(f"{b} {len(v)}" for b, v in cases["failing_awaiting_a_branch"].items())
+              + f"; failing unexpectedly {len(cases['failing_unexpectedly'])}", flush=True)
         kills = {} if args.no_kills else run_kills(tmp / "kills", args.kills, args.seed)
     report = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
