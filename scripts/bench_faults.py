@@ -35,7 +35,7 @@ def run_cases(world, work: Path, jobs: int, only: set[str]) -> dict:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         outcomes = list(pool.map(lambda ic: run_case(ic[1], world, work / f"case{ic[0]:03d}"), enumerate(cases)))
     rows = [{"case": o.case.id, "command": o.case.command, "family": o.case.family, "bad_input": o.case.bad, "quick": o.case.quick,
-             "fix_on_branch": o.case.xfail or None, "exit": o.returncode, "clean": not o.problems(),
+             "exit": o.returncode, "clean": not o.problems(),
              "problems": o.problems(), "error": o.error_lines[-1] if o.error_lines else "",
              "seconds": round(o.seconds, 2)} for o in outcomes]
     failing = [r for r in rows if not r["clean"]]
@@ -47,9 +47,7 @@ def run_cases(world, work: Path, jobs: int, only: set[str]) -> dict:
         "cases_losing_files": sum(bool(o.changed) for o in outcomes),
         "wrong_exit_status": sum(o.returncode != 2 for o in outcomes),
         "pickle_payloads_run": sum(o.payload_ran for o in outcomes),
-        "failing_awaiting_a_branch": {b: sorted(r["case"] for r in failing if r["fix_on_branch"] == b)
-                                      for b in sorted({r["fix_on_branch"] for r in failing if r["fix_on_branch"]})},
-        "failing_unexpectedly": sorted(r["case"] for r in failing if not r["fix_on_branch"]),
+        "failing": sorted(r["case"] for r in failing),
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
