@@ -83,17 +83,22 @@ def determinism_check(stored: np.ndarray, again: np.ndarray, device: torch.devic
 
 
 def recheck_run(ds, encoder, run, device: torch.device | str, n: int = 4) -> dict:
-    """Re-embed the first ``n`` good items of the run's first shard one by one and compare with what it stored."""
-    shards = run.shards()
-    if not shards:
-        return {"items": 0, "passed": True}
-    c = type(run).read(shards[0], "ids", "vectors")
+    """Re-embed up to ``n`` good items this invocation embedded, one by one, and compare with what its shards hold."""
     pos = {str(i): k for k, (i, _) in enumerate(ds.entries)}
-    picks = [j for j, i in enumerate(c["ids"]) if str(i) in pos and np.isfinite(c["vectors"][j]).all()][:n]
-    again = []
+    stored, again = [], []
     with torch.inference_mode():
-        for j in picks:
-            _, x, _ = ds[pos[str(c["ids"][j])]]
-            again.append(encoder(x[None].to(device)).float().cpu().numpy()[0])
-    stored = np.asarray(c["vectors"][picks], dtype=np.float32).reshape(len(picks), -1)
-    return determinism_check(stored, np.asarray(again, dtype=np.float32).reshape(stored.shape), device)
+        for shard in run.shards():
+            if len(stored) >= n:
+                break
+            c = type(run).read(shard, "ids", "vectors")
+            for j, i in enumerate(c["ids"]):
+                if len(stored) >= n:
+                    break
+                if str(i) in pos and np.isfinite(c["vectors"][j]).all():
+                    _, x, _ = ds[pos[str(i)]]
+                    again.append(encoder(x[None].to(device)).float().cpu().numpy()[0])
+                    stored.append(np.asarray(c["vectors"][j], dtype=np.float32).ravel())
+    if not stored:
+        return {"items": 0, "passed": True}
+    stored_a = np.stack(stored)
+    return determinism_check(stored_a, np.asarray(again, dtype=np.float32).reshape(stored_a.shape), device)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import EmbedkitError
-from ..finetune.data import Items
+from ..items import ItemSet
 from ..splits import PARTS, Splits
 from ..store import fingerprint
 
@@ -22,7 +22,7 @@ from ..store import fingerprint
 class Unlabelled:
     """The cells to adapt on: rows of a source's items (files, or a store's /pixels), never their labels."""
 
-    items: Items
+    items: ItemSet
     rows: np.ndarray
     excluded: dict = field(default_factory=dict)
 

@@ -17,7 +17,8 @@ import torch
 from ..embed import to_tensor
 from ..encoders import Preprocess
 from ..errors import BadImageError
-from ..finetune.data import Augment, CellDataset, Items
+from ..finetune.data import Augment, CellDataset
+from ..items import ItemSet
 from ..images import Conversion
 
 
@@ -88,14 +89,14 @@ class ViewDataset(CellDataset):
     Unreadable images come back as ``None`` with the reason, so the main process raises one clear error.
     """
 
-    def __init__(self, items: Items, rows: np.ndarray, views: MicroscopyViews, conv: Conversion, seed: int = 0):
+    def __init__(self, items: ItemSet, rows: np.ndarray, views: MicroscopyViews, conv: Conversion, seed: int = 0):
         super().__init__(items, rows, np.zeros(len(rows), dtype=np.int64), views.global_pre, conv, None, seed)
         self.views = views
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, draw = key if isinstance(key, tuple) else (key, key)
         try:
-            rgb = self._rgb(i)
+            rgb = self.items.rgb(i, self.conv)
         except BadImageError as exc:
             return None, f"{exc.path}: {exc.reason}"
         return self.views(rgb, np.random.default_rng([self.seed, self.epoch, draw])), None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -18,7 +19,8 @@ def write_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``<store>.lock`` for the duration of a write.
 
     A command takes it before loading a model, so a second writer is refused at once; nested use in the
-    same process (command, then library call) is allowed.
+    same process (command, then library call) is allowed. It is a POSIX record lock, owned by this process
+    alone: forked decoding workers do not inherit it, so a killed run's orphaned workers never block its resume.
     """
     lock_path = os.path.abspath(f"{path}.lock")
     if lock_path in _held:
@@ -32,15 +34,17 @@ def write_lock(path: str | os.PathLike) -> Iterator[None]:
     fh = open(lock_path, "a+")
     try:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise EmbedkitError(f"{path} is being written by another embedkit process; wait for it to finish") from None
         _held[lock_path] = [fh, 1]
         try:
             yield
         finally:
             del _held[lock_path]
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
     finally:
         fh.close()
 
