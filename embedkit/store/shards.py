@@ -276,27 +276,28 @@ class RowReader:
             problem = shard_problem(self.folder, table.files[fi], int(table.bytes[fi]))
             if problem:
                 raise EmbedkitError(damaged_message(store_path, self.folder, table.files[fi], problem))
-        self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._open: OrderedDict[int, tuple[h5py.File, h5py.Dataset]] = OrderedDict()
 
     def close(self) -> None:
-        for fh in getattr(self, "_open", {}).values():
+        for fh, _ in getattr(self, "_open", {}).values():
             with contextlib.suppress(Exception):
                 fh.close()
         if self.sharded:
             self._open.clear()
 
     def _src(self, fi: int) -> h5py.Dataset:
-        fh = self._open.pop(fi, None)
-        if fh is None:
+        entry = self._open.pop(fi, None)
+        if entry is None:
             try:
                 fh = h5py.File(self.folder / self.files[fi], "r", rdcc_nbytes=CHUNK_CACHE)
-            except OSError as exc:
+                entry = (fh, fh[self.source])
+            except (OSError, KeyError) as exc:
                 raise EmbedkitError(damaged_message(self.store_path, self.folder, self.files[fi],
                                                     f"cannot be opened ({str(exc)[:100]})")) from None
             if len(self._open) >= _OPEN_SHARDS:
-                self._open.popitem(last=False)[1].close()
-        self._open[fi] = fh
-        return fh[self.source]
+                self._open.popitem(last=False)[1][0].close()
+        self._open[fi] = entry
+        return entry[1]
 
     def _empty(self, n: int) -> np.ndarray:
         return np.full((n,) + self.shape[1:], self.fill, dtype=self.dtype)
