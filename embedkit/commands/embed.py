@@ -65,7 +65,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
     runner = engine_from_options(engine, address, replicas)
-    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the model loads
         enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
                         dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet,

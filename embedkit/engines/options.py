@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import click
@@ -30,10 +31,8 @@ def engine_from_options(engine: str, address: str | None, replicas: int | None):
         if address is not None or replicas is not None:
             raise EmbedkitError("--address and --replicas apply to --engine ray")
         return None
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise EmbedkitError("--engine ray needs Ray: pip install 'embedkit[ray]' (or 'ray[data]')") from None
+    if importlib.util.find_spec("ray") is None:
+        raise EmbedkitError("--engine ray needs Ray: pip install 'embedkit[ray]' (or 'ray[data]')")
     from .ray_engine import RayEngine
 
     return RayEngine(address, replicas)
