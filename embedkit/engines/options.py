@@ -8,12 +8,13 @@ from typing import Callable
 import click
 
 from ..errors import EmbedkitError
+from . import ENGINES
 
 
 def engine_options(command: Callable) -> Callable:
     """Add ``--engine``, ``--address`` and ``--replicas`` to a click command."""
     for option in reversed((
-        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
                      help="Run in this process, or on a Ray cluster: decoding tasks and a model actor pool "
                           "writing the store's shards (docs/scale.md)."),
         click.option("--address", help="--engine ray: join this cluster ('auto' or HOST:PORT) "
