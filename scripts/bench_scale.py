@@ -111,8 +111,20 @@ def project(costs: dict, gpu_rate: float, gpus: int, preprocess_on_gpu: bool, tr
             "projected_img_per_s": bounds[limit], "bottleneck": limit}
 
 
+def crossovers(costs: dict) -> dict:
+    """Per-GPU img/s above which each other resource, not the GPU, bounds the throughput (the bottleneck moves)."""
+    a = ASSUMPTIONS
+    cores_per_gpu = (a["cpu_cores_per_node"] - a["cores_reserved_per_node"]) / a["gpus_per_node"]
+    nic_per_gpu = a["nic_gbytes_per_s_per_node"] * 1e9 / a["gpus_per_node"]
+    return {"cpu_decode_and_preprocess": cores_per_gpu / (costs["decode_s"] + costs["preprocess_s"]),
+            "cpu_decode_only (gpu preprocessing)": cores_per_gpu / costs["decode_s"],
+            "network_float_tensors (multi-node)": nic_per_gpu / costs["tensor_bytes"],
+            "network_uint8 (multi-node)": nic_per_gpu / costs["uint8_bytes"],
+            "storage_at_64_gpus": a["shared_storage_gbytes_per_s"] * 1e9 / costs["file_bytes"] / 64}
+
+
 def scaling_model(costs: dict) -> dict:
-    out = {}
+    out = {"gpu_rate_where_the_bottleneck_moves_img_per_s": crossovers(costs)}
     for fig, rate in GPU_FIGURES.items():
         rows = []
         for gpus in (1, 8, 64):

@@ -5,7 +5,6 @@ segment / patches giving the same store.
 One local Ray (2 CPUs, no dashboard, a short temp dir) serves the whole module: Ray starts slowly.
 """
 
-import os
 import shutil
 import signal
 import tempfile

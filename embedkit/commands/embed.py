@@ -67,7 +67,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         click.echo(f"{len(src.items)} images from {src.kind.replace('_', ' ')} ({labelled} labelled, "
                    f"{len({it.group for it in src.items})} groups)", err=True)
     runner = engine_from_options(engine, address, replicas)
-    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the model loads
         if random_init and weights is None:
             from ..baselines.random_init import random_encoder
 

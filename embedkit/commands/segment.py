@@ -96,7 +96,7 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
                    f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
     runner = engine_from_options(engine, address, replicas)
-    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the model loads
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the model loads
         segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
                                      flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
                                      polarity=polarity)
@@ -183,7 +183,7 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
     runner = engine_from_options(engine, address, replicas)
-    with runner or contextlib.nullcontext(), write_lock(store_path):  # refused before the filter's model loads
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the filter's model loads
         filt = make_filter(filter_name, min_foreground=min_foreground, min_std=min_std, delta=fg_delta, model_dir=filter_model,
                            examples=filter_examples, encoder=filter_encoder, conv=conv, device=device, batch_size=batch_size)
         if isinstance(filt, LearnedFilter) and filter_examples:

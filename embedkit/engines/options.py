@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import click
 
 from ..errors import EmbedkitError
+from . import ENGINES
 
 
 def engine_options(command: Callable) -> Callable:
     """Add ``--engine``, ``--address`` and ``--replicas`` to a click command."""
     for option in reversed((
-        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
                      help="Run in this process, or on a Ray cluster: decoding tasks and a model actor pool "
                           "writing the store's shards (docs/scale.md)."),
         click.option("--address", help="--engine ray: join this cluster ('auto' or HOST:PORT) "
@@ -30,10 +32,8 @@ def engine_from_options(engine: str, address: str | None, replicas: int | None):
         if address is not None or replicas is not None:
             raise EmbedkitError("--address and --replicas apply to --engine ray")
         return None
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise EmbedkitError("--engine ray needs Ray: pip install 'embedkit[ray]' (or 'ray[data]')") from None
+    if importlib.util.find_spec("ray") is None:
+        raise EmbedkitError("--engine ray needs Ray: pip install 'embedkit[ray]' (or 'ray[data]')")
     from .ray_engine import RayEngine
 
     return RayEngine(address, replicas)

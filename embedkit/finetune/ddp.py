@@ -16,6 +16,7 @@ A resumed run reads the same training state in every process, so resume works as
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -167,14 +168,18 @@ def launch(nproc: int, fn: Callable, kwargs: dict) -> Any:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"embedkit-{secrets.token_hex(4)}",
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
                               start_method="spawn")
+        elastic_log = logging.getLogger("torch.distributed.elastic")
+        level = elastic_log.level
+        elastic_log.setLevel(logging.CRITICAL)  # a user error is reported below as its one line, not as a traceback
         try:
             results = elastic_launch(config, _entry)(fn, kwargs)
-        except ChildFailedError as exc:
+        except ChildFailedError:
             recorded = sorted(f for f in os.listdir(tmp) if f.startswith("error."))
             if recorded:
                 with open(os.path.join(tmp, recorded[0])) as fh:
                     raise EmbedkitError(json.load(fh)["error"]) from None
-            raise EmbedkitError(f"--nproc {nproc}: a training process failed ({str(exc).strip().splitlines()[0][:300]})") from None
+            raise  # not a user error: the launcher's report, with the failing process's traceback
         finally:
+            elastic_log.setLevel(level)
             os.environ.pop("EMBEDKIT_DDP_ERRORS", None)
     return results[0]

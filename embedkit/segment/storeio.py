@@ -146,9 +146,7 @@ class FieldShards:
                 arrays[f"info_{name}"] = np.array([f[2][name] for f in self._fields], np.int64)
             for name in self._fields[0][3]:
                 arrays[name] = np.concatenate([f[3][name] for f in self._fields])
-            row_bytes = int(np.prod(arrays["pixels"].shape[1:])) or 1
-            self.run.write(st.Run.shard_name("w0", "f", min(idx), max(idx) + 1), arrays,
-                           {"pixels": max(1, min(64, (1 << 20) // row_bytes))})
+            self.run.write(st.Run.shard_name("w0", "f", min(idx), max(idx) + 1), arrays, compress=("pixels",))
         self._fields, self._bytes, self._last = [], 0, time.monotonic()
 
 

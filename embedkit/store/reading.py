@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from .rows import key_config
-from .schema import ITEM_FIELDS, key_for, schema_version
+from .schema import ITEM_FIELDS, file_schema_version, key_for
 from .shards import CHUNK_CACHE, RowReader
 
 #: Up to this many rows, ``Store.vectors`` reads the rows asked for instead of scanning blocks.
@@ -32,10 +32,13 @@ class Store:
         self.path = Path(path)
         if not self.path.exists():
             raise EmbedkitError(f"{self.path}: no such store; create one with 'embedkit embed' or 'embedkit segment'")
-        self.schema = schema_version(self.path)
         self._f: h5py.File | None = None
         self._stamp: tuple | None = None
         self._readers: dict[str, RowReader] = {}
+        try:
+            self.schema = file_schema_version(self._h5(), self.path)
+        except OSError as exc:
+            raise EmbedkitError(f"{self.path}: not a readable HDF5 store ({exc})") from None
 
     # handle ------------------------------------------------------------------------------------
     def __enter__(self) -> "Store":
@@ -157,6 +160,13 @@ class Store:
             raise EmbedkitError(f"{self.path}: no embeddings under key {key!r} (have: {have}); run 'embedkit embed' first")
         return f["embeddings"][key]
 
+    def _key_reader(self, key: str) -> RowReader:
+        target = f"embeddings/{key}/vectors"
+        self._h5()  # drops readers of a replaced file
+        if target not in self._readers:
+            self._group(key)
+        return self._reader(target)
+
     def resolve_key(self, key_or_encoder: str | None) -> str:
         """Accept an embedding key or an encoder name; with one key in the store (baseline keys aside), None picks it."""
         keys = self.keys
@@ -183,8 +193,7 @@ class Store:
 
     def vectors(self, key: str, rows: np.ndarray | slice | None = None, dtype=np.float32) -> np.ndarray:
         """Vectors of ``key`` for ``rows`` (all rows by default), read in blocks and cast to ``dtype``."""
-        self._group(key)
-        r = self._reader(f"embeddings/{key}/vectors")
+        r = self._key_reader(key)
         n, dim = r.shape
         if rows is None:
             rows = slice(0, n)
@@ -218,8 +227,7 @@ class Store:
 
     def iter_vectors(self, key: str, batch: int = 65536, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start_row, block) over all vectors without loading the whole matrix."""
-        self._group(key)
-        r = self._reader(f"embeddings/{key}/vectors")
+        r = self._key_reader(key)
         for s in range(0, r.shape[0], batch):
             yield s, r.read_slice(s, s + batch).astype(dtype, copy=False)
 

@@ -110,9 +110,9 @@ class Run:
     def shard_name(writer: str, unit: str, first: int, stop: int) -> str:
         return f"{writer}-{unit}{first:09d}-{stop:09d}.h5"
 
-    def write(self, name: str, arrays: dict[str, np.ndarray], chunk_rows: dict[str, int] | None = None) -> ShardInfo:
+    def write(self, name: str, arrays: dict[str, np.ndarray], compress: tuple[str, ...] = ()) -> ShardInfo:
         """Write one shard of this run (verified, atomically renamed)."""
-        info = write_shard(self._dir(), name, arrays, chunk_rows)
+        info = write_shard(self._dir(), name, arrays, compress)
         return ShardInfo(f"{self._dir().name}/{info.file}", info.bytes, info.checksum)
 
     def info(self, shard: Path) -> ShardInfo:

@@ -59,10 +59,15 @@ def schema_version(path: str | os.PathLike) -> int:
     """The schema version of an embedkit store; refuse files that are not stores or come from a newer schema."""
     try:
         with h5py.File(path, "r") as f:
-            version = f.attrs.get("schema_version")
-            has_items = "items" in f
+            return file_schema_version(f, path)
     except OSError as exc:
         raise EmbedkitError(f"{path}: not a readable HDF5 store ({exc})") from None
+
+
+def file_schema_version(f: h5py.File, path: str | os.PathLike) -> int:
+    """:func:`schema_version` of an open file."""
+    version = f.attrs.get("schema_version")
+    has_items = "items" in f
     if version is None:
         raise EmbedkitError(f"{path}: an HDF5 file, but not an embedkit store (no schema_version attribute)")
     if isinstance(version, bytes):

@@ -96,10 +96,11 @@ class ShardInfo:
     checksum: str
 
 
-def write_shard(folder: Path, rel: str, arrays: dict[str, np.ndarray], chunk_rows: dict[str, int] | None = None) -> ShardInfo:
+def write_shard(folder: Path, rel: str, arrays: dict[str, np.ndarray], compress: tuple[str, ...] = ()) -> ShardInfo:
     """Write ``arrays`` as one shard ``folder/rel``, verified by reading it back before it is renamed into place.
 
-    ``chunk_rows`` names datasets stored chunked along rows and gzip-compressed (crops); others are contiguous.
+    Row arrays are chunked along rows (about 1 MB a chunk, as in a single-file store); ``compress`` names the
+    ones stored gzip-compressed (crops).
     """
     path = folder / rel
     expected = 0
@@ -112,9 +113,10 @@ def write_shard(folder: Path, rel: str, arrays: dict[str, np.ndarray], chunk_row
             arr = np.asarray(arr)
             if arr.dtype.kind in "OUS":
                 f.create_dataset(name, data=np.asarray(arr, dtype=object), dtype=STR)
-            elif chunk_rows and name in chunk_rows and arr.shape[0]:
-                rows = max(1, min(chunk_rows[name], arr.shape[0]))
-                f.create_dataset(name, data=arr, chunks=(rows,) + arr.shape[1:], compression="gzip", compression_opts=1)
+            elif arr.ndim >= 2 and arr.shape[0]:
+                rows = max(1, min(arr.shape[0], (1 << 20) // max(1, arr[:1].nbytes)))
+                kw = {"compression": "gzip", "compression_opts": 1} if name in compress else {}
+                f.create_dataset(name, data=arr, chunks=(rows,) + arr.shape[1:], **kw)
             else:
                 f.create_dataset(name, data=arr)
     try:
@@ -157,12 +159,12 @@ class ShardTable:
     checksums: list[str]
 
     @classmethod
-    def read(cls, f: h5py.File, default_folder: str) -> "ShardTable":
+    def read(cls, f: h5py.File, default_folder: str, checksums: bool = True) -> "ShardTable":
         if "shards" not in f:
             return cls(default_folder, [], np.zeros(0, np.int64), [])
         g = f["shards"]
         return cls(str(g.attrs.get("folder", default_folder)), list(g["files"].asstr()[:]), g["bytes"][:],
-                   list(g["checksums"].asstr()[:]))
+                   list(g["checksums"].asstr()[:]) if checksums else [])
 
     def index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.files)}
@@ -224,7 +226,7 @@ def stitch(f: h5py.File, target: str, n_rows: int, tail: tuple[int, ...], dtype,
     attrs = dict(f[target].attrs) if target in f else {}
     if target in f:
         del f[target]
-    layout = h5py.VirtualLayout(shape=(n_rows,) + tuple(tail), dtype=dtype, maxshape=(None,) + tuple(tail))
+    layout = h5py.VirtualLayout(shape=(n_rows,) + tuple(tail), dtype=dtype)  # fixed extent: opening it never opens the shards
     for vstart, n, fi, sstart in maps:
         src = h5py.VirtualSource(f"{table.folder}/{table.files[fi]}", source, shape=(int(sstart + n),) + tuple(tail))
         layout[int(vstart):int(vstart + n)] = src[int(sstart):int(sstart + n)]
@@ -267,34 +269,35 @@ class RowReader:
         order = np.argsort(maps[:, 0], kind="stable")
         self.maps = maps[order]
         self.fill = self.ds.fillvalue
-        table = ShardTable.read(f, folder_of(store_path).name)
+        table = ShardTable.read(f, folder_of(store_path).name, checksums=False)
         self.folder = store_path.parent / table.folder
         self.files = table.files
         for fi in np.unique(self.maps[:, 2]):
             problem = shard_problem(self.folder, table.files[fi], int(table.bytes[fi]))
             if problem:
                 raise EmbedkitError(damaged_message(store_path, self.folder, table.files[fi], problem))
-        self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._open: OrderedDict[int, tuple[h5py.File, h5py.Dataset]] = OrderedDict()
 
     def close(self) -> None:
-        for fh in getattr(self, "_open", {}).values():
+        for fh, _ in getattr(self, "_open", {}).values():
             with contextlib.suppress(Exception):
                 fh.close()
         if self.sharded:
             self._open.clear()
 
     def _src(self, fi: int) -> h5py.Dataset:
-        fh = self._open.pop(fi, None)
-        if fh is None:
+        entry = self._open.pop(fi, None)
+        if entry is None:
             try:
                 fh = h5py.File(self.folder / self.files[fi], "r", rdcc_nbytes=CHUNK_CACHE)
-            except OSError as exc:
+                entry = (fh, fh[self.source])
+            except (OSError, KeyError) as exc:
                 raise EmbedkitError(damaged_message(self.store_path, self.folder, self.files[fi],
                                                     f"cannot be opened ({str(exc)[:100]})")) from None
             if len(self._open) >= _OPEN_SHARDS:
-                self._open.popitem(last=False)[1].close()
-        self._open[fi] = fh
-        return fh[self.source]
+                self._open.popitem(last=False)[1][0].close()
+        self._open[fi] = entry
+        return entry[1]
 
     def _empty(self, n: int) -> np.ndarray:
         return np.full((n,) + self.shape[1:], self.fill, dtype=self.dtype)

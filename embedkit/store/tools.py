@@ -121,7 +121,7 @@ def _write_upgrade_shards(path: Path, run: Run, names: list[str]) -> dict:
                 b = min(ds.shape[0], a + step)
                 rel = Run.shard_name(name.replace("/", "+"), "r", a, b)
                 if not (run.dir / rel).exists():  # resuming: shards already written stay
-                    run.write(rel, {"data": ds[a:b]}, {"data": max(1, (1 << 20) // row_bytes)} if name == "pixels" else None)
+                    run.write(rel, {"data": ds[a:b]}, ("data",) if name == "pixels" else ())
                 parts.append((rel, a, b))
             plan[name] = (ds.shape[1:], ds.dtype, ds.fillvalue, parts)
     return plan
