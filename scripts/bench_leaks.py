@@ -16,9 +16,12 @@ run on the same splits:
 * **false flags**: split by source (whole sources to one side); every flag is false. Broken down into
   untouched crops and copies. Also DSB nuclei bounding-box crops (not square) split by field, and
   untouched MitoCheck cells of single movies split at random within the movie;
-* **time**: catalog (descriptors) and the test-vs-train check on a random split, for ``--sizes`` items
+* **time**: catalog (descriptors) and the test-vs-train check on a random split (all test items), for ``--sizes`` items
   made of sources and copies of both datasets, wall-clock and CPU seconds, and the suggested grouping
   (all items against all) for the smallest size.
+
+Up to 600 test items are checked per accuracy experiment (all train items are searched); rates carry
+95% Wilson intervals.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class Pool:
     source: np.ndarray
     group: np.ndarray
     kind: np.ndarray  # 'original', 'copy' or 'untouched'
+    origin: np.ndarray  # index of the crop each item is (a copy of)
 
 
 def with_copies(crops: Crops, n_sources: int, n_copies: int, rng: np.random.Generator) -> Pool:
@@ -141,7 +145,7 @@ def with_copies(crops: Crops, n_sources: int, n_copies: int, rng: np.random.Gene
     for i, s in enumerate(crops.source):
         first.setdefault(int(s), i)
     chosen = set(rng.choice(sorted(first), size=min(n_sources, len(first)), replace=False).tolist())
-    images, source, group, kind = [], [], [], []
+    images, source, group, kind, origin = [], [], [], [], []
     for i, img in enumerate(crops.images):
         s = int(crops.source[i])
         if s in chosen and first[s] != i:
@@ -150,25 +154,35 @@ def with_copies(crops: Crops, n_sources: int, n_copies: int, rng: np.random.Gene
         source.append(s)
         group.append(crops.group[i])
         kind.append("original" if s in chosen else "untouched")
+        origin.append(i)
         if s in chosen:
             for _ in range(n_copies):
                 images.append(augmented_copy(img, rng))
                 source.append(s)
                 group.append(crops.group[i])
                 kind.append("copy")
-    return Pool(images, np.array(source), np.array(group), np.array(kind))
+                origin.append(i)
+    return Pool(images, np.array(source), np.array(group), np.array(kind), np.array(origin))
 
 
-def random_split(n: int, rng: np.random.Generator, test: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+#: Test items checked per experiment (a random sample of the test part; all train items are searched).
+MAX_QUERIES = 600
+
+
+def _sample(test: np.ndarray, rng: np.random.Generator, limit: int | None) -> np.ndarray:
+    return np.sort(rng.choice(test, limit, replace=False)) if limit and len(test) > limit else test
+
+
+def random_split(n: int, rng: np.random.Generator, test: float = 0.2, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     is_test = rng.random(n) < test
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    return np.flatnonzero(~is_test), _sample(np.flatnonzero(is_test), rng, limit)
 
 
-def split_by(labels: np.ndarray, rng: np.random.Generator, test: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def split_by(labels: np.ndarray, rng: np.random.Generator, test: float = 0.2, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     uniq = np.unique(labels)
     test_labels = set(uniq[rng.random(len(uniq)) < test].tolist())
     is_test = np.array([x in test_labels for x in labels])
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    return np.flatnonzero(~is_test), _sample(np.flatnonzero(is_test), rng, limit)
 
 
 # --------------------------------------------------------------------------- detectors
@@ -198,9 +212,9 @@ def run_fingerprints(images: list[np.ndarray], train: np.ndarray, test: np.ndarr
 DETECTORS = {"two_stage": run_detector, "fingerprints_baseline": run_fingerprints}
 
 
-def recall(pool: Pool, rng: np.random.Generator) -> dict:
+def recall(pool: Pool, rng: np.random.Generator, names: list[str] | None = None) -> dict:
     """Random split ignoring sources: flagged share of test items that have a same-source item in train."""
-    train, test = random_split(len(pool.images), rng)
+    train, test = random_split(len(pool.images), rng, limit=MAX_QUERIES)
     train_sources = set(pool.source[train].tolist())
     has_copy = np.array([pool.kind[q] != "untouched" and pool.source[q] in train_sources for q in test])
     out = {"n_items": len(pool.images), "n_test": int(len(test)), "n_test_with_copy_in_train": int(has_copy.sum())}
@@ -210,9 +224,13 @@ def recall(pool: Pool, rng: np.random.Generator) -> dict:
         hit = np.array([q in flagged for q in test])
         right = [pool.source[flagged[q]] == pool.source[q] for q in test[has_copy] if q in flagged]
         distinct = test[~has_copy]
+        n_hit = int(hit[has_copy].sum())
         out[name] = {"recall": float(hit[has_copy].mean()) if has_copy.any() else None,
+                     "recall_95ci": list(_wilson(n_hit, int(has_copy.sum()))),
                      "partner_of_same_source": float(np.mean(right)) if right else None,
                      "flagged_without_copy_in_train": int(hit[~has_copy].sum()),
+                     "examples_without_copy_in_train": [[_name(pool, q, names), _name(pool, flagged[q], names)]
+                                                        for q in test[~has_copy] if q in flagged][:10],
                      "n_without_copy_in_train": int(len(distinct)),
                      "seconds": round(time.perf_counter() - t0, 1)}
         log(f"  recall {name}: {out[name]}")
@@ -222,7 +240,7 @@ def recall(pool: Pool, rng: np.random.Generator) -> dict:
 def false_flags(images: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray, rng: np.random.Generator,
                 what: str) -> dict:
     """Split by ``labels`` (sources, fields or single cells): every flag is false."""
-    train, test = split_by(labels, rng)
+    train, test = split_by(labels, rng, limit=MAX_QUERIES)
     out = {"what": what, "n_items": len(images), "n_test": int(len(test))}
     for name, fn in DETECTORS.items():
         flagged = fn(images, train, test)
@@ -232,17 +250,33 @@ def false_flags(images: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray,
             n = sum(q in flagged for q in qs)
             per_kind[str(k)] = {"flagged": int(n), "of": int(len(qs)), "rate": n / len(qs)}
         n = len(flagged)
-        out[name] = {"flagged": n, "rate": n / max(len(test), 1), "by_kind": per_kind,
+        lo, hi = _wilson(n, len(test))
+        out[name] = {"flagged": n, "rate": n / max(len(test), 1), "rate_95ci": [lo, hi], "by_kind": per_kind,
                      "examples": [[int(q), int(p)] for q, p in list(flagged.items())[:5]]}
         log(f"  false flags {what} {name}: {n} of {len(test)}")
     return out
+
+
+def _name(pool: Pool, item: int, names: list[str] | None) -> str:
+    base = names[pool.origin[item]] if names else f"crop {pool.origin[item]}"
+    return f"{base} ({pool.kind[item]})"
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z, p = 1.96, k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return round(float(c - h), 4), round(float(c + h), 4)
 
 
 def dataset_report(name: str, crops: Crops, args, rng: np.random.Generator) -> dict:
     log(f"{name}: {len(crops.images)} crops, {len(np.unique(crops.source))} sources")
     pool = with_copies(crops, args.sources, args.copies, rng)
     log(f"{name}: pool of {len(pool.images)} items ({args.sources} sources x {args.copies} copies + untouched crops)")
-    rep = {"n_crops": len(crops.images), "n_pool": len(pool.images), "recall": recall(pool, rng)}
+    rep = {"n_crops": len(crops.images), "n_pool": len(pool.images), "recall": recall(pool, rng, crops.meta.get("names"))}
     rep["false_flags_split_by_source"] = false_flags(pool.images, pool.source, pool.kind, rng, "split by source")
     return rep
 
@@ -324,19 +358,29 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "load_average_at_start": os.getloadavg()},
               "settings": {"sources": args.sources, "copies": args.copies, "seed": args.seed, "dsb_window": WINDOW}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a long run that is stopped keeps what it measured
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        os.replace(tmp, args.out)
+
     result["mitocheck"] = dataset_report("mitocheck", mito, args, rng)
+    save()
     result["mitocheck"]["false_flags_single_movies"] = single_movies(mito, 5, rng)
+    save()
     result["dsb"] = dataset_report("dsb windows", windows, args, rng)
+    save()
     result["dsb"]["false_flags_bounding_boxes"] = false_flags(
         boxes.images, boxes.group, np.array(["untouched"] * len(boxes.images)), rng,
         "tight bounding-box crops of distinct nuclei, split by field")
+    save()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    result["timing"] = [timing(mito, windows, n, args.copies, rng, grouping=(n == min(sizes))) for n in sizes]
-    result["machine"]["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    os.replace(tmp, args.out)
+    result["timing"] = []
+    for n in sizes:
+        result["timing"].append(timing(mito, windows, n, args.copies, rng, grouping=(n == min(sizes))))
+        save()
     log(f"wrote {args.out}")
     return 0
 
