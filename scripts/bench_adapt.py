@@ -34,12 +34,20 @@ TARGET = "lower bound of the 95% CI of (adapted - frozen) balanced accuracy, bes
 
 
 def calibrate(source: Path, splits: Path, work: Path, args, log: Path) -> float:
-    """Images per second of the adaptation loop on this machine now (two batches at the benchmark's settings)."""
+    """Images per second of the adaptation loop on this machine now (two batches at the benchmark's settings).
+
+    Kept in WORK/calibration_<method>.json, so that --resume sizes the run as before and the adapt command
+    finds its own interrupted (or finished) run instead of starting another.
+    """
+    saved = work / f"calibration_{args.method}.json"
+    if args.resume and saved.exists():
+        return float(json.loads(saved.read_text())["images_per_second"])
     out = work / "calibration"
     cli("adapt", source, *common(args), "--splits", splits, "--exclude-split", "test", "--epochs", 1,
         "--samples-per-epoch", 2 * args.batch_size, "--warmup-epochs", 0, "--out", out, "--quiet", log=log)
     hist = json.loads((out / "history.json").read_text())["history"]
     shutil.rmtree(out)
+    saved.write_text(json.dumps({"images_per_second": hist[0]["images_per_second"]}))
     return float(hist[0]["images_per_second"])
 
 
@@ -63,6 +71,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process (1 avoids spin-wait stalls on busy cores)")
     ap.add_argument("--reuse-frozen", action="store_true",
                     help="keep WORK/frozen (probe results and splits) from an earlier run and compare another method with it")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted benchmark of this method (adapt and embed resume where they stopped)")
     ap.add_argument("--keep-store", action="store_true", help="keep the store (result folders are always kept)")
     args = ap.parse_args()
 
@@ -77,13 +87,13 @@ def main() -> int:
     work = Path(args.work)
     frozen = work / "frozen"
     splits = frozen / "splits.json"
-    reuse = args.reuse_frozen and splits.exists()
+    reuse = (args.reuse_frozen or args.resume) and splits.exists()
     if work.exists() and not reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     store, adapted, enc = work / "mitocheck.h5", work / f"adapted_{args.method}", work / f"lite0-{args.method}"
-    for old in (adapted, enc, work / f"comparison_{args.method}"):
+    for old in (adapted, work / f"comparison_{args.method}") + (() if args.resume else (enc,)):
         shutil.rmtree(old, ignore_errors=True)
     size = args.image_size
 
@@ -143,7 +153,7 @@ def main() -> int:
                        "adapted_weights_fingerprint": cfg["weights_fingerprint"]},
         "cpu_seconds": CPU_SECONDS,
         "wall_seconds": {**{k: round(v, 1) for k, v in times.items()}, "total": round(total, 1),
-                         "frozen_reused_from_earlier_run": reuse},
+                         "frozen_reused_from_earlier_run": reuse, "resumed_after_interruption": args.resume},
         "best_probe": {"frozen": best_frozen.name, "frozen_val_balanced_accuracy": val_frozen,
                        "adapted": best_adapted.name, "adapted_val_balanced_accuracy": val_adapted,
                        "chosen_by": "validation balanced accuracy"},
