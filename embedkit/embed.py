@@ -218,8 +218,11 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
                 _run(work, dev, workers, on_device, progress, total=len(entries), initial=n_resumed)
             else:
                 engine.embed(work, device, progress=progress, total=len(entries), initial=n_resumed)
-            cfg["selftest"]["determinism"] = recheck_run(work.dataset(), encoder, run, dev or torch.device("cpu"))
         shards = run.shards()
+        if shards:  # also after a resume that found every vector already written
+            pixels_from = store_path if from_store else None
+            every = ImageDataset(entries, encoder.preprocess, conv, pixels_from, [row_of[i] for i, _ in entries] if pixels_from else None)
+            cfg["selftest"]["determinism"] = recheck_run(every, encoder, run, dev or torch.device("cpu"))
         bad = {}
         for p in shards:
             c = st.Run.read(p, "ids", "bad", "paths")

@@ -71,7 +71,10 @@ def assert_same_embedding(store: Store, local: Store) -> None:
     v, ref = store.vectors("efficientnet_lite0"), local.vectors("efficientnet_lite0")
     assert np.isfinite(v).all() and store.done("efficientnet_lite0").all()
     assert np.abs(v - ref).max() <= 1e-5
-    assert store.config("efficientnet_lite0") == local.config("efficientnet_lite0")  # same provenance
+    a, b = store.config("efficientnet_lite0"), local.config("efficientnet_lite0")
+    checks = a["selftest"].pop("determinism"), b["selftest"].pop("determinism")  # re-embedding errors differ run to run
+    assert all(c["passed"] and c["items"] > 0 for c in checks)
+    assert a == b  # same provenance
 
 
 def test_pool_plan_follows_the_cluster():
