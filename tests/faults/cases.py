@@ -322,7 +322,7 @@ BAD: dict[str, Maker] = {
     "key without config": lambda w, W: _h5(w, W, "noconfig.h5", lambda f: f["embeddings"][_first_key(f)].attrs.__delitem__("config")),
     "store without items": lambda w, W: _h5(w, W, "noitems.h5", lambda f: f.__delitem__("items")),
     "NaN row": lambda w, W: _h5(w, W, "nan.h5", _nan_row, packed=True),
-    # encoders, keys, splits, probes, models, results
+    # encoders, keys, splits, probes, models, results, configs
     "unknown encoder": lambda w, W: "nope_net",
     "key ..": lambda w, W: (_victim(w), "..")[1],
     "key ../victim": lambda w, W: (_victim(w), "../victim")[1],
@@ -342,7 +342,20 @@ BAD: dict[str, Maker] = {
     "missing model folder": lambda w, W: w / "missing_model",
     "empty results folder": lambda w, W: _empty_dir(w, "empty_results"),
     "garbage metrics.json": _results_with_garbage_metrics,
+    # study configs
+    "garbage config": lambda w, W: _write(w / "garbage.yaml", b"stages: [embed\n  - {{{ not yaml"),
+    "config unknown command": lambda w, W: _write(w / "unknown_cmd.yaml", _study("frobnicate", {"store": str(W.store)})),
+    "config unknown option": lambda w, W: _write(w / "unknown_opt.yaml", _study("info", {"store": str(W.store), "colour": "red"})),
+    "missing config": lambda w, W: w / "missing.yaml",
 }
+
+
+def _study(command: str, options: dict) -> bytes:
+    """A one-stage study config running ``command`` with ``options``."""
+    import yaml
+
+    return yaml.safe_dump({"name": "bad", "state": "state.json",
+                           "stages": [{"name": "only", "command": command, "options": options}]}).encode()
 
 IMAGE_CLASSES = ("zero-byte image", "text as PNG", "truncated PNG", "5-channel TIFF", "huge TIFF")
 MANIFEST_CLASSES = ("missing manifest", "non-UTF-8 manifest", "UTF-16 manifest", "extra-field manifest")
@@ -352,6 +365,7 @@ STORE_CLASSES = ("missing store", "text as store", "non-store HDF5", "string sch
 STORE_TARGET_CLASSES = ("text as store", "non-store HDF5", "string schema_version", "store without items")
 KEY_CLASSES = ("key ..", "key ../victim", "key absolute", "key a/b")
 PROBE_CLASSES = ("missing probe folder", "probe.json a list", "probe.json without classes", "garbage probe safetensors")
+CONFIG_CLASSES = ("missing config", "garbage config", "config unknown command", "config unknown option")
 
 
 # --------------------------------------------------------------------------------------------- the table
@@ -361,7 +375,7 @@ class Case:
     """One command run against one bad input; ``args`` use {work}, {bad}, {store}, {results}, ... placeholders."""
 
     command: str
-    family: str  # images, manifests, tables, weights, stores, targets, rows, encoders, keys, splits, probes, models, results
+    family: str  # images, manifests, tables, weights, stores, targets, rows, encoders, keys, splits, probes, models, results, configs
     bad: str
     args: tuple[str, ...]
     quick: bool = True  # in the test suite; the others run in scripts/bench_faults.py only
@@ -372,12 +386,14 @@ class Case:
 
 
 #: Commands from cheapest to dearest to start (no torch, torch, a model to load, a network to train).
-COST = ("info", "index", "export", "leaks", "compare", "view", "segment", "patches", "probe", "predict", "proportions",
-        "neighbors", "explain", "embed", "finetune")
+COST = ("info", "store", "run", "index", "export", "leaks", "compare", "report", "view", "segment", "patches", "probe",
+        "predict", "proportions", "neighbors", "explain", "embed", "adapt", "finetune")
 
 SEGMENT = ("--backend", "watershed", "--quiet")
 PATCHES = ("--size", "32", "--quiet")
 FINETUNE_OUT = (*TINY_FINETUNE, "--out", "{work}/ft", "--quiet")
+ADAPT_OUT = ("--encoder", "efficientnet_lite0", "--image-size", "40", "--epochs", "1", "--batch-size", "8",
+             "--out", "{work}/adapted", "--quiet")
 PROBE = ("--heads", "logreg", "--out", "{work}/res", "--n-boot", "100", "--quiet")
 PROBE_DIR = "{results}/logreg/probe"
 ID0 = "{id0}"
@@ -450,6 +466,15 @@ def _rows() -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
         ("explain", "models", ("garbage model.safetensors", "missing model folder"),
          ("explain", "{bad}", "{cell0}", "--out", "{work}/cams", "--quiet")),
         ("compare", "results", ("empty results folder", "garbage metrics.json", "missing model folder"), ("compare", "{bad}")),
+        ("report", "results", ("empty results folder", "garbage metrics.json"),
+         ("report", "{bad}", "--store", "{store}", "--out", "{work}/report.html", "--no-leaks")),
+        ("report", "stores", STORE_CLASSES, ("report", "{results}", "--store", "{bad}", "--out", "{work}/report.html")),
+        ("store", "stores", STORE_CLASSES[:4], ("store", "check", "{bad}")),
+        ("run", "configs", CONFIG_CLASSES, ("run", "{bad}")),
+        ("adapt", "manifests", MANIFEST_CLASSES, ("adapt", "{bad}", *ADAPT_OUT)),
+        ("adapt", "stores", STORE_CLASSES[:3], ("adapt", "{bad}", *ADAPT_OUT)),
+        ("adapt", "splits", ("garbage splits", "splits as list"),
+         ("adapt", "{store}", *ADAPT_OUT, "--splits", "{bad}", "--exclude-split", "test")),
     ]
     return [(cmd, fam, tuple(classes), tuple(args)) for cmd, fam, classes, args in rows]
 

@@ -1,6 +1,6 @@
 """kill -9 at seeded random points of a command, then resume: helpers shared by the tests and the benchmark.
 
-A kill point is either a count of journal chunks (for the journalled stages: embed, segment, patches)
+A kill point is either a count of shard files a run has written (for the sharded stages: embed, segment, patches)
 or a time since the process started, drawn between 10% and 90% of an uninterrupted run's duration (for
 finetune and view, whose progress shows only at epoch ends or at the final commit). Each killed run is
 started from the state the previous kill left, so later kills also hit resumed runs.
@@ -67,9 +67,10 @@ def h5_readable(path: Path) -> bool:
         return False
 
 
-def chunk_count(folder: Path) -> Callable[[float], float]:
-    """Progress as the number of journal chunks under ``folder`` (the store's ``.partial`` folder)."""
-    return lambda elapsed: float(len(list(folder.rglob("chunk_*")))) if folder.exists() else 0.0
+def shard_count(store: Path) -> Callable[[float], float]:
+    """Progress as the number of finished shard files under the store's shards folder (temp files not counted)."""
+    folder = Path(f"{store}.shards")
+    return lambda elapsed: float(sum(1 for p in folder.rglob("*.h5") if not p.name.startswith("."))) if folder.exists() else 0.0
 
 
 def seconds(elapsed: float) -> float:
@@ -133,8 +134,9 @@ def timed(args: list[str], cwd: Path, timeout: float = 300) -> float:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary files or journals a finished command left behind (names with '.tmp' or '.partial')."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial"))
+    """Temporary files or unfinished runs a finished command left behind (names with '.tmp', '.partial', run.json)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if ".tmp" in p.name or p.name.endswith(".partial") or p.name == "run.json")
 
 
 def json_without_timings(path: Path) -> str:
@@ -185,34 +187,33 @@ def make_fields(root: Path, n: int = 12, size: int = 128) -> Path:
 EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", "3", "--quiet"]
 
 
-def _kill_journalled(command: str, source: Path, out_flag: str, args: list[str], ref: Path, store: Path, n_units: int,
-                     work: Path, kills: int, seed: int) -> KillReport:
-    """Run a journalled stage into ``store`` killed at ``kills`` chunk counts below ``n_units``; compare with ``ref``."""
+def _kill_sharded(command: str, source: Path, out_flag: str, args: list[str], ref: Path, store: Path,
+                  work: Path, kills: int, seed: int) -> KillReport:
+    """Run a sharded stage into ``store`` killed at ``kills`` shard counts below the reference run's; compare with ``ref``."""
     store.parent.mkdir(parents=True, exist_ok=True)
+    n_units = int(shard_count(ref)(0))
     points = kill_points(seed, kills, 1, n_units - 1, integer=True)
-    report = run_with_kills([command, source, out_flag, store, *args], work, chunk_count(Path(f"{store}.partial")),
-                            points, store)
+    report = run_with_kills([command, source, out_flag, store, *args], work, shard_count(store), points, store)
     report.differences = differing(h5_digest(ref), h5_digest(store))
     report.leftovers = leftovers(store.parent)
     return report
 
 
 def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> KillReport:
-    """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` chunk counts."""
-    n_chunks = -(-sum(1 for _ in cells.rglob("*.png")) // 3)
-    return _kill_journalled("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", n_chunks, work, kills, seed)
+    """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` shard counts."""
+    return _kill_sharded("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", work, kills, seed)
 
 
 def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
-    """Watershed segmentation of ``fields``, killed at ``kills`` journal chunk counts; store and label TIFFs compared."""
+    """Watershed segmentation of ``fields``, killed at ``kills`` shard counts; store and label TIFFs compared."""
     import numpy as np
     import tifffile
 
-    args = ["--backend", "watershed", "--quiet"]
+    args = ["--backend", "watershed", "--checkpoint-fields", "1", "--quiet"]
     ref, store = work / "ref" / "cells.h5", work / "killed" / "cells.h5"
     ref.parent.mkdir(parents=True)
     cli(["segment", fields, "--out", ref, *args], work, check=True)
-    report = _kill_journalled("segment", fields, "--out", args, ref, store, len(list(fields.glob("*.tif"))), work, kills, seed)
+    report = _kill_sharded("segment", fields, "--out", args, ref, store, work, kills, seed)
     labels_ref = sorted(p.relative_to(ref.parent) for p in ref.parent.rglob("*.tif"))
     labels_out = sorted(p.relative_to(store.parent) for p in store.parent.rglob("*.tif"))
     if not labels_ref or labels_ref != labels_out:
@@ -223,12 +224,11 @@ def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
 
 
 def kill_patches(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
-    """Sliding-window patches of ``fields`` (simple filter), killed at ``kills`` journal chunk counts."""
-    args = ["--size", "32", "--stride", "32", "--quiet"]
+    """Sliding-window patches of ``fields`` (simple filter), killed at ``kills`` shard counts."""
+    args = ["--size", "32", "--stride", "32", "--checkpoint-fields", "1", "--quiet"]
     ref = work / "ref.h5"
     cli(["patches", fields, "--out", ref, *args], work, check=True)
-    return _kill_journalled("patches", fields, "--out", args, ref, work / "killed" / "patches.h5",
-                            len(list(fields.glob("*.tif"))), work, kills, seed)
+    return _kill_sharded("patches", fields, "--out", args, ref, work / "killed" / "patches.h5", work, kills, seed)
 
 
 def kill_finetune(cells: Path, work: Path, kills: int, seed: int) -> KillReport:

@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skip(reason="kill points still count the old journal's chunk files, which Store 2.0 replaced with "
-                                         "shard runs; SIGKILL resume is tested in test_store_faults.py, test_embed.py, "
-                                         "test_segment.py and test_finetune.py until these scenarios count shards")
-
 from .cases import cli
 from .killing import (EMBED_ARGS, KillReport, kill_embed, kill_finetune, kill_patches, kill_segment, kill_view,
                       make_cells, make_fields)
@@ -49,7 +45,7 @@ def embedded(cells, tmp_path_factory) -> Path:
     return store
 
 
-def test_embed_killed_at_random_chunks_resumes_bit_identically(cells, embedded, tmp_path):
+def test_embed_killed_at_random_shards_resumes_bit_identically(cells, embedded, tmp_path):
     report = kill_embed(cells, embedded, tmp_path, KILLS, SEED)
     assert "were already done" in report.resumed_stdout
     _check(report, every_kill_mid_run=True)
