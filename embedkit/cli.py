@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -18,7 +19,10 @@ COMMAND_MODULES = ("embed", "store", "segment", "probe", "finetune", "compare", 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="embedkit")
-def cli() -> None:
+@click.option("--max-pixels", type=click.FloatRange(0), metavar="N",
+              help="Refuse images larger than N pixels before decoding them (0: no limit) "
+                   "[default: 100000000, or the EMBEDKIT_MAX_PIXELS environment variable].")
+def cli(max_pixels: float | None) -> None:
     """Embeddings, probes, neighbours and explanations for cell microscopy.
 
     \b
@@ -29,6 +33,10 @@ def cli() -> None:
 
     Every stage reads and writes one HDF5 store; see docs/store.md for its layout.
     """
+    if max_pixels is not None:  # through the environment, so decoding workers and Ray tasks see it too
+        from .images import MAX_PIXELS_ENV
+
+        os.environ[MAX_PIXELS_ENV] = str(int(max_pixels))
 
 
 def _unavailable(name: str, exc: ModuleNotFoundError) -> click.Command:

@@ -51,9 +51,9 @@ def check_pixels(path: str, shape: Sequence[int], pixels: int, limit: int | None
     limit = max_pixels() if limit is None else limit
     if limit and pixels > limit:
         dims = " x ".join(str(int(d)) for d in shape)
-        raise BadImageError(path, f"is {dims} ({pixels / 1e6:.0f} megapixels), over the {limit / 1e6:g}-megapixel limit "
+        raise BadImageError(path, f"is {dims} ({pixels / 1e6:.3g} megapixels), over the {limit / 1e6:g}-megapixel limit "
                                   f"for reading an image whole; crop or tile it first, or raise the limit with "
-                                  f"{MAX_PIXELS_ENV}=<pixels>")
+                                  f"'embedkit --max-pixels N ...' or {MAX_PIXELS_ENV}=N")
 
 
 def read_image(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:

@@ -162,3 +162,15 @@ def test_pixel_limit_is_configurable(tmp_path, cell, monkeypatch):
     monkeypatch.setenv("EMBEDKIT_MAX_PIXELS", "lots")
     with pytest.raises(EmbedkitError, match="EMBEDKIT_MAX_PIXELS='lots': not a number"):
         read_image(p)
+
+
+def test_max_pixels_option_reaches_every_command(tmp_path, cell):
+    """``embedkit --max-pixels N`` sets the limit for the command it runs (and its workers)."""
+    from conftest import run_cli
+
+    p = _save_png(tmp_path / "c.png", cell)
+    args = ("segment", p, "--out", tmp_path / "s.h5", "--backend", "watershed", "--quiet")
+    proc = run_cli("--max-pixels", cell.size - 1, *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "over the" in proc.stderr and "--max-pixels N" in proc.stderr
+    assert run_cli("--max-pixels", cell.size, *args).returncode == 0
