@@ -26,4 +26,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf store/demo.h5 store/demo.h5.partial results/demo
+	rm -rf store/demo.h5 store/demo.h5.shards store/demo.h5.lock results/demo
