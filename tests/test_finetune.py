@@ -106,7 +106,7 @@ def test_compare_finetune_against_the_probe_end_to_end(tiny_run, probe_results, 
     assert "efficientnet_lite0/logreg" in proc.stdout and "test_resnet fine-tuned" in proc.stdout
     rep = json.loads((probe_results / "comparison" / "comparison.json").read_text())
     assert {r["kind"] for r in rep["rows"]} == {"probe", "finetune", "baseline"}
-    assert "prior" in {r["name"] for r in rep["rows"] if r["kind"] == "baseline"}
+    assert "baseline/prior" in {r["name"] for r in rep["rows"] if r["kind"] == "baseline"}
     assert not rep["warnings"]
     ft = next(r for r in rep["rows"] if r["kind"] == "finetune")
     assert ft["fit_seconds"] > 0 and ft["predict_items_per_second"] > 0
