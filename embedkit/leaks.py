@@ -103,8 +103,10 @@ class LeakReport:
 
 
 def item_conversion(store: Store, key: str | None) -> Conversion:
-    """The channel conversion the key's encoder saw (default conversion without a key)."""
-    return Conversion.from_dict(store.config(key).get("conversion")) if key else Conversion()
+    """The channel conversion the key's encoder saw; without a key, the store's only key's (or the default)."""
+    if key is None and len(store.keys) == 1:
+        key = store.keys[0]
+    return Conversion.from_dict(store.config(store.resolve_key(key)).get("conversion")) if key else Conversion()
 
 
 def store_catalog(store: Store, rows: Sequence[int], conv: Conversion = Conversion(), progress: bool = False) -> Catalog:
@@ -196,8 +198,7 @@ def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str
         exclude = _same_group(groups, rows)
         what = "sampled items"
         where = "another group"
-    cat = store_catalog(store, rows, item_conversion(store, key if key or not store.keys else store.resolve_key(None)),
-                        progress=progress)
+    cat = store_catalog(store, rows, item_conversion(store, key), progress=progress)
     pos = {int(r): p for p, r in enumerate(rows)}
     q_pos = np.array([pos[int(r)] for r in queries], dtype=np.int64)
     pool_pos = np.array([pos[int(r)] for r in (seen if exclude is None else rows)], dtype=np.int64)
