@@ -16,10 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## demo: embed the bundled MitoCheck cells with the offline efficientnet_lite0 encoder, then probe them
+## demo: the study in configs/mitocheck_demo.yaml on the bundled MitoCheck cells (offline efficientnet_lite0):
+## embed, probe with every head, a t-SNE map, CAMs of misclassified cells and the HTML report
 demo: $(STAMP)
-	$(BIN)/embedkit embed tests/data/mitocheck --store store/demo.h5 --encoder efficientnet_lite0 --group-by mitocheck
-	$(BIN)/embedkit probe store/demo.h5 --heads all --out results/demo
+	$(BIN)/embedkit run configs/mitocheck_demo.yaml
 
 ## test: the whole test suite (CPU only, no network)
 test: $(STAMP)

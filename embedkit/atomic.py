@@ -18,6 +18,9 @@ from .errors import EmbedkitError
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-\d+)?$")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: h5py reports the errno of a failed write only inside its message.
+_DISK_TEXT = re.compile(r"errno = (%s)\b|No space left on device|File too large|Disk quota exceeded"
+                        % "|".join(str(e) for e in sorted(_DISK_ERRNOS)))
 
 
 def temp_name(path: str | os.PathLike) -> Path:
@@ -37,7 +40,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def disk_error(exc: BaseException, what: str | os.PathLike) -> EmbedkitError | None:
     """The one-line error for a full disk or file-size limit while writing ``what``, or None."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+    if isinstance(exc, OSError) and (exc.errno in _DISK_ERRNOS or _DISK_TEXT.search(str(exc))):
         return EmbedkitError(f"disk full while writing {what}; nothing was lost; free space and re-run")
     return None
 
@@ -85,6 +88,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str))
+
+
+def atomic_write_csv(path: str | os.PathLike, frame: Any) -> None:
+    """Write a pandas DataFrame as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def _pid_alive(pid: int) -> bool:

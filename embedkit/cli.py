@@ -8,10 +8,12 @@ import sys
 import click
 
 from . import __version__
+from .configfile import add_config_option
 from .errors import EmbedkitError
 
 #: Command modules, one per stage. Each exposes ``COMMANDS``, a list of click commands.
-COMMAND_MODULES = ("embed", "store", "probe", "segment", "neighbors", "leaks", "finetune", "explain")
+COMMAND_MODULES = ("embed", "store", "segment", "probe", "finetune", "compare", "neighbors", "leaks", "view", "explain",
+                   "adapt", "report", "run")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,15 +31,34 @@ def cli() -> None:
     """
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"embedkit.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"embedkit.commands.{_name}":
-            raise
-        continue
-    for _cmd in _mod.COMMANDS:
-        cli.add_command(_cmd)
+def _unavailable(name: str, exc: ModuleNotFoundError) -> click.Command:
+    """A stand-in for a command module whose dependency is missing: it is listed, and says what to install."""
+    missing = exc.name or "a dependency"
+
+    @click.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   help=f"(unavailable: needs the Python package {missing!r})")
+    def stand_in() -> None:
+        raise EmbedkitError(f"'embedkit {name}' needs the Python package {missing!r}, which is not installed "
+                            f"here; install it (pip install {missing.split('.')[0]}) and try again")
+
+    return stand_in
+
+
+def load_commands(group: click.Group) -> None:
+    """Add every stage's commands (each with --config); a module whose dependency is missing still shows up."""
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"embedkit.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"embedkit.commands.{name}":
+                raise
+            group.add_command(_unavailable(name, exc))
+            continue
+        for cmd in mod.COMMANDS:
+            group.add_command(add_config_option(cmd))
+
+
+load_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

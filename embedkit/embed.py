@@ -1,12 +1,12 @@
-"""The embedding engine: source -> DataLoader (parallel decode) -> frozen encoder -> journal -> store.
+"""The embedding engine: source -> DataLoader (parallel decode) -> frozen encoder -> vector shards -> store.
 
-Progress is journalled in atomically written chunks beside the store, so an interrupted run (even
-``kill -9``) resumes where it stopped and ends with the same vectors as an uninterrupted one.
+Progress is the set of shards a run has written beside the store (see :mod:`embedkit.store.runs`), so an
+interrupted run (even ``kill -9``) resumes where it stopped and ends with the same vectors as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
 import csv
 import os
 import sys
@@ -17,33 +17,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import store as st
+from .configdiff import describe_differences
+from .store.schema import upgrade_message
+from .store.writing import append_items, commit_embedding
 from .device import autocast, resolve_device, worker_init
 from .encoders import Encoder, Preprocess
+from .engines.preprocess import device_batch, group_by_shape, resize_normalise
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
+from .selftest import preprocess_selftest, recheck_run
 from .sources import Source
 
 
 def to_tensor(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    h, w = x.shape[1:]
-    if pre.resize == "pad" and h != w:
-        s = max(h, w)
-        top, left = (s - h) // 2, (s - w) // 2
-        x = F.pad(x, (left, s - w - left, top, s - h - top))
-    if x.shape[1] != pre.size or x.shape[2] != pre.size:
-        mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic", "nearest") else "bicubic"
-        kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
-        x = F.interpolate(x[None], size=(pre.size, pre.size), mode=mode, **kw)[0]
-        if mode == "bicubic":
-            x = x.clamp_(0.0, 1.0)
-    mean = torch.tensor(pre.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(pre.std, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
+    return resize_normalise(x[None], pre)[0]
 
 
 def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Conversion = Conversion(),
@@ -63,32 +54,38 @@ def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Con
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes files (or store pixels) into encoder-ready tensors; a bad file yields its error instead."""
+    """Decodes files (or store pixels) into encoder-ready tensors; a bad file yields its error instead.
+
+    With ``raw=True`` it yields the decoded RGB at native size instead (uint8 for 8-bit data), for the
+    encoder's device to resize and normalise (:mod:`embedkit.engines.preprocess`).
+    """
 
     def __init__(self, entries: Sequence[tuple[str, str]], pre: Preprocess, conv: Conversion,
-                 store_path: str | None = None, store_rows: Sequence[int] | None = None):
+                 store_path: str | None = None, store_rows: Sequence[int] | None = None, raw: bool = False):
         self.entries = list(entries)  # (item id, absolute path)
         self.pre, self.conv = pre, conv
         self.store_path, self.store_rows = store_path, store_rows
-        self._h5 = None
+        self.raw = raw
+        self._store: st.Store | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _rgb(self, i: int) -> np.ndarray:
+    def _rgb(self, i: int, keep_uint8: bool = False) -> np.ndarray:
+        from .images import read_image, to_rgb
+
         if self.store_path is None:
-            return load_rgb(self.entries[i][1], self.conv)
-        import h5py
-
-        from .images import to_rgb
-
-        if self._h5 is None:
-            self._h5 = h5py.File(self.store_path, "r")
-        return to_rgb(self._h5["pixels"][self.store_rows[i]], self.conv, self.entries[i][1])
+            return to_rgb(read_image(self.entries[i][1]), self.conv, self.entries[i][1], keep_uint8)
+        if self._store is None:  # opened lazily, in the worker process that reads
+            self._store = st.Store(self.store_path)
+        return to_rgb(self._store.pixels(int(self.store_rows[i])), self.conv, self.entries[i][1], keep_uint8)
 
     def __getitem__(self, i: int):
         item_id = self.entries[i][0]
         try:
+            if self.raw:
+                rgb = self._rgb(i, keep_uint8=True)
+                return item_id, rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32, copy=False), None
             return item_id, to_tensor(self._rgb(i), self.pre), None
         except BadImageError as exc:
             return item_id, None, exc.reason
@@ -100,6 +97,43 @@ def collate(batch):
     bad = [(b[0], b[2]) for b in batch if b[1] is None]
     x = torch.stack([b[1] for b in good]) if good else None
     return ids, [b[0] for b in good], x, bad
+
+
+def collate_raw(batch):
+    """Like :func:`collate` for native-size images: their shape groups instead of one stacked tensor."""
+    ids = [b[0] for b in batch]
+    good = [b for b in batch if b[1] is not None]
+    bad = [(b[0], b[2]) for b in batch if b[1] is None]
+    return ids, [b[0] for b in good], group_by_shape([b[1] for b in good]), bad
+
+
+@dataclass
+class EmbedWork:
+    """What an engine embeds: pending items, where their pixels are, and the run their vector shards go to."""
+
+    entries: list[tuple[str, str]]  # (item id, file path or 'store[row]')
+    rows: list[int]  # store row of each entry
+    store_path: str | None  # the store whose pixels are read; None for files
+    encoder: Encoder
+    conv: Conversion
+    run: st.Run
+    dtype: str
+    batch_size: int
+    skip_bad: bool
+    checkpoint_rows: int
+
+    def dataset(self, raw: bool = False) -> "ImageDataset":
+        return ImageDataset(self.entries, self.encoder.preprocess, self.conv, self.store_path,
+                            self.rows if self.store_path else None, raw=raw)
+
+
+def write_vectors(run: st.Run, writer: str, ids: Sequence[str], rows: np.ndarray, vectors: np.ndarray,
+                  bad: Sequence[str], paths: Sequence[str], dtype: str) -> None:
+    """Write one shard of a run's vectors, in the layout :func:`~embedkit.store.writing.commit_embedding` stitches."""
+    rows = np.asarray(rows, dtype=np.int64)
+    run.write(st.Run.shard_name(writer, "r", int(rows.min()), int(rows.max()) + 1),
+              {"rows": rows, "ids": np.array(list(ids), dtype=object), "vectors": np.asarray(vectors).astype(np.dtype(dtype)),
+               "bad": np.array(list(bad), dtype=object), "paths": np.array(list(paths), dtype=object)})
 
 
 @dataclass
@@ -128,100 +162,114 @@ def run_config(encoder: Encoder, conv: Conversion, dtype: str) -> dict:
 def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder, *, key: str | None = None,
           conv: Conversion = Conversion(), device: str = "auto", batch_size: int = 32, workers: int | None = None,
           dtype: str = "float32", skip_bad: bool = False, checkpoint_rows: int = 1024, progress: bool = True,
-          report_path: str | None = None) -> EmbedResult:
+          report_path: str | None = None, preprocess: str = "auto", engine=None) -> EmbedResult:
     """Embed every item of ``source`` (or a store's own pixels when ``source`` is the store path) into the store.
 
-    Re-running after an interruption resumes from the journal; vectors already in the store are kept.
+    Every check that can refuse the run happens before anything is written. Progress is the set of vector
+    shards the run has written; re-running after an interruption resumes from them. ``preprocess``: where
+    images are resized and normalised, 'workers' (decoding processes), 'device' (the encoder's device, from
+    uint8) or 'auto' (device on CUDA). ``engine``: None runs here; a :class:`~embedkit.engines.ray_engine.RayEngine`
+    runs the encoding on a Ray cluster, with the same checks, resume and commit.
     """
     store_path = str(store_path)
-    key = key or st.key_for(encoder.spec.name)
+    key = st.validate_key(key or st.key_for(encoder.spec.name))
     cfg = run_config(encoder, conv, dtype)
     cfg_fp = st.fingerprint(st.comparable_config(cfg))
-    dev = resolve_device(device)
+    if preprocess not in ("auto", "workers", "device"):
+        raise EmbedkitError(f"preprocess={preprocess!r}: choose auto, workers or device")
+    dev = resolve_device(device) if engine is None else None
     t0 = time.perf_counter()
+    cfg["selftest"] = preprocess_selftest(encoder, conv, dev or torch.device("cpu"))  # refuses a broken transform before anything is written
     with st.write_lock(store_path):
+        s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
         if from_store:
             if os.path.abspath(source) != os.path.abspath(store_path):
                 raise EmbedkitError("to embed a store's pixels, pass the same store as SOURCE and --store")
-            s = st.Store(store_path)
-            if not s.has_pixels:
+            if s is None or not s.has_pixels:
                 raise EmbedkitError(f"{store_path} holds no pixels; embed from the image files instead")
-            ids = list(s.ids)
-            entries = [(i, f"{store_path}[{r}]") for r, i in enumerate(ids)]
+            new_items = []
+            entries = [(i, f"{store_path}[{r}]") for r, i in enumerate(s.ids)]
         else:
-            _prepare_items(source, store_path, skip_bad)
-            ids = [it.id for it in source.items]
+            new_items = _new_items(source, s, skip_bad)
             entries = [(it.id, source.abspath(it)) for it in source.items]
-        s = st.Store(store_path)
-        row_of = {i: r for r, i in enumerate(s.ids)}
-        done = np.zeros(len(row_of), dtype=bool)
-        if key in s.keys:
+        done = None
+        if s is not None and key in s.keys:
             old = s.config(key)
             if st.fingerprint(st.comparable_config(old)) != cfg_fp:
                 raise EmbedkitError(st.config_mismatch_message(key, old, cfg))
             done = s.done(key)
-        journal = st.Journal(store_path, key)
-        journal.start({"config": cfg, "config_fingerprint": cfg_fp, "batch_size": batch_size})
-        journalled = {str(i) for c in journal.iter_chunks() for i in c["ids"]}
-        todo = [(i, p) for i, p in entries if not done[row_of[i]] and i not in journalled]
+        run = st.Run(store_path, "embed", key)
+        run.start({"config": cfg, "batch_size": batch_size}, cfg_fp, lambda a, b: describe_differences(a.get("config", {}), b.get("config", {})))
+        if new_items:
+            append_items(store_path, new_items, source.root)
+        s = st.Store(store_path)
+        ids = s.ids
+        row_of = {i: r for r, i in enumerate(ids)}
+        done = np.zeros(len(ids), bool) if done is None else np.concatenate([done, np.zeros(len(ids) - len(done), bool)])
+        pending = {int(r) for p in run.shards() for r in st.Run.read(p, "rows")["rows"]}
+        todo = [(i, p) for i, p in entries if not done[row_of[i]] and row_of[i] not in pending]
         n_resumed = len(entries) - len(todo)
         if todo:
-            ds = ImageDataset(todo, encoder.preprocess, conv, store_path if from_store else None,
-                              [row_of[i] for i, _ in todo] if from_store else None)
-            _run(ds, encoder, journal, dev, batch_size, workers, dtype, skip_bad, checkpoint_rows, progress,
-                 total=len(entries), initial=n_resumed)
-        chunks = journal.chunks()
-        bad = {str(i): (str(path), str(r)) for c in journal.iter_chunks()
-               for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r}
+            work = EmbedWork(todo, [row_of[i] for i, _ in todo], store_path if from_store else None, encoder, conv, run,
+                             dtype, batch_size, skip_bad, checkpoint_rows)
+            if engine is None:
+                on_device = preprocess == "device" or (preprocess == "auto" and dev.type == "cuda")
+                _run(work, dev, workers, on_device, progress, total=len(entries), initial=n_resumed)
+            else:
+                engine.embed(work, device, progress=progress, total=len(entries), initial=n_resumed)
+            cfg["selftest"]["determinism"] = recheck_run(work.dataset(), encoder, run, dev or torch.device("cpu"))
+        shards = run.shards()
+        bad = {}
+        for p in shards:
+            c = st.Run.read(p, "ids", "bad", "paths")
+            bad.update({str(i): (str(path), str(r)) for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r})
         skipped = list(bad.values())
         report = _write_report(skipped, report_path or f"{os.path.splitext(store_path)[0]}.{key}.skipped.csv") if skipped else None
-        if chunks or key not in s.keys:
-            with st.transaction(store_path) as f:
-                g = st.ensure_embedding(f, key, encoder.dim, dtype, cfg)
-                for chunk in journal.iter_chunks():
-                    rows = np.array([row_of[str(i)] for i in chunk["ids"]], dtype=np.int64)
-                    ok = chunk["bad"] == ""
-                    _write_rows(g["vectors"], rows[ok], chunk["vectors"][ok])
-                    _write_rows(g["done"], rows[ok], np.ones(int(ok.sum()), dtype=bool))
-                g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
-                g.attrs["modified"] = st.now_iso()
-        journal.discard()
+        if shards or key not in s.keys:
+            commit_embedding(store_path, run, key, encoder.dim, dtype, cfg, skipped)
+        else:
+            run.finish()
     n_new = sum(1 for i, _ in todo if i not in bad)
     return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report)
 
 
-def _write_rows(ds, rows: np.ndarray, values: np.ndarray) -> None:
-    if len(rows) == 0:
-        return
-    order = np.argsort(rows)
-    rows, values = rows[order], values[order]
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for seg_rows, seg_vals in zip(np.split(rows, breaks), np.split(values, breaks)):
-        ds[seg_rows[0]:seg_rows[-1] + 1] = seg_vals
+def _open_for_writing(store_path: str) -> st.Store | None:
+    """The existing store (None when there is none yet), refusing one this version cannot append to."""
+    if not os.path.exists(store_path):
+        return None
+    s = st.Store(store_path)
+    if s.schema < st.SCHEMA_VERSION:
+        raise EmbedkitError(upgrade_message(store_path))
+    return s
 
 
-def _prepare_items(source: Source, store_path: str, skip_bad: bool) -> None:
-    """Make sure the store exists and holds every item of the source (new ones are appended)."""
-    if os.path.exists(store_path):
-        s = st.Store(store_path)
-        known = set(s.ids) if len(s) else set()
-        new = [it for it in source.items if it.id not in known]
-        if not new:
-            return
-    else:
-        new = list(source.items)
+def _new_items(source: Source, s: st.Store | None, skip_bad: bool) -> list:
+    """Items of the source that the store does not hold yet; refuse missing files unless skipping bad ones."""
+    known = set(s.ids) if s is not None and len(s) else set()
+    new = [it for it in source.items if it.id not in known]
     if not skip_bad:
-        missing = [it for it in new if not os.path.exists(source.abspath(it))]
+        from .formats import exists  # item paths may be locators such as movie.ome.tiff::t=3
+
+        missing = [it for it in new if not exists(source.abspath(it))]
         if missing:
             raise BadImageError(source.abspath(missing[0]), f"file not found{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                 f"fix the source or pass --skip-bad to skip and list them")
-    with st.transaction(store_path) as f:
-        st.write_items(f, new, source.root)
+    return new
 
 
-def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.device, batch_size: int,
-         workers: int | None, dtype: str, skip_bad: bool, checkpoint_rows: int, progress: bool,
+def bad_image(path: str, reason: str) -> BadImageError:
+    """The error that stops a run at an unreadable image (finished shards are kept and resume)."""
+    return BadImageError(path, f"{reason}; fix or remove it, or pass --skip-bad to skip and list bad files "
+                               f"(progress so far is kept and resumes)")
+
+
+def encode(model: Encoder, x: torch.Tensor) -> np.ndarray:
+    """Vectors of one prepared batch (channels-last on the model's device) as float32 on the CPU."""
+    return model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+
+
+def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: bool, progress: bool,
          total: int, initial: int) -> None:
     from tqdm.auto import tqdm
 
@@ -230,25 +278,26 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
         workers = min(8, os.cpu_count() or 1) if cuda else (1 if (os.cpu_count() or 1) > 1 else 0)
     if not cuda:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ds = work.dataset(raw=on_device)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=cuda,
-        worker_init_fn=worker_init if workers else None, persistent_workers=False,
+        ds, batch_size=work.batch_size, shuffle=False, num_workers=workers, collate_fn=collate_raw if on_device else collate,
+        pin_memory=cuda, worker_init_fn=worker_init if workers else None, persistent_workers=False,
         prefetch_factor=4 if workers else None)
-    model = encoder.to(dev)
-    model = model.to(memory_format=torch.channels_last)
+    encoder = work.encoder
+    model = encoder.to(dev).to(memory_format=torch.channels_last)
     amp = autocast(dev)
     buf_ids: list[str] = []
     buf_vecs: list[np.ndarray] = []
     buf_bad: list[str] = []
     last_flush = time.monotonic()
-    np_dtype = np.dtype(dtype)
     path_of = dict(ds.entries)
+    row_of = dict(zip((i for i, _ in work.entries), work.rows))
 
     def flush():
         nonlocal buf_ids, buf_vecs, buf_bad, last_flush
         if buf_ids:
-            journal.write_chunk(ids=np.array(buf_ids, dtype=str), vectors=np.concatenate(buf_vecs).astype(np_dtype),
-                                bad=np.array(buf_bad, dtype=str), paths=np.array([path_of[i] for i in buf_ids], dtype=str))
+            write_vectors(work.run, "w0", buf_ids, np.array([row_of[i] for i in buf_ids]), np.concatenate(buf_vecs), buf_bad,
+                          [path_of[i] for i in buf_ids], work.dtype)
         buf_ids, buf_vecs, buf_bad, last_flush = [], [], [], time.monotonic()
 
     bar = tqdm(total=total, initial=initial, unit="img", desc=f"embed {encoder.spec.name}", disable=not progress,
@@ -256,21 +305,20 @@ def _run(ds: ImageDataset, encoder: Encoder, journal: st.Journal, dev: torch.dev
     try:
         with torch.inference_mode(), amp:
             for ids, good_ids, x, bad in loader:
-                if bad and not skip_bad:
-                    item, reason = bad[0]
-                    raise BadImageError(path_of[item], f"{reason}; fix or remove it, or pass --skip-bad to skip and list bad files "
-                                              f"(progress so far is kept and resumes)")
+                if bad and not work.skip_bad:
+                    raise bad_image(path_of[bad[0][0]], bad[0][1])
                 vecs = np.full((len(ids), encoder.dim), np.nan, dtype=np.float32)
-                if x is not None:
-                    x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+                if good_ids:
+                    if on_device:
+                        x = device_batch(x, len(good_ids), encoder.preprocess, dev)
                     pos = {i: k for k, i in enumerate(ids)}
-                    vecs[[pos[i] for i in good_ids]] = model(x).float().cpu().numpy()
+                    vecs[[pos[i] for i in good_ids]] = encode(model, x.to(dev, non_blocking=cuda))
                 reasons = dict(bad)
                 buf_ids += ids
                 buf_vecs.append(vecs)
                 buf_bad += [reasons.get(i, "") for i in ids]
                 bar.update(len(ids))
-                if len(buf_ids) >= checkpoint_rows or time.monotonic() - last_flush > 60:
+                if len(buf_ids) >= work.checkpoint_rows or time.monotonic() - last_flush > 60:
                     flush()
         flush()
     except KeyboardInterrupt:

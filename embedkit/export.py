@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text
 from .errors import EmbedkitError
 from .store import Store
 
@@ -22,24 +22,21 @@ def export_embeddings(store_path: str, key: str | None, fmt: str, out: str | Non
     X = s.vectors(key, rows)
     obs = frame.iloc[rows].reset_index(drop=True)
     out = out or f"{os.path.splitext(store_path)[0]}.{key}.{fmt}"
-    tmp = f"{out}.tmp"
-    if fmt == "h5ad":
-        import anndata
-
-        obs.index = obs["id"].astype(str).values
-        adata = anndata.AnnData(X=X, obs=obs.astype({c: str for c in obs.columns if obs[c].dtype == object}))
-        adata.uns["embedkit"] = {"store": os.path.abspath(store_path), "key": key, "config": json.dumps(s.config(key))}
-        adata.write_h5ad(tmp)
-    elif fmt == "csv":
-        import pandas as pd
-
-        vec = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
-        pd.concat([obs, vec], axis=1).to_csv(tmp, index=False)
-    elif fmt == "npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, X)
-        obs.to_csv(f"{os.path.splitext(out)[0]}.items.csv", index=False)
-    else:
+    if fmt not in ("h5ad", "csv", "npy"):
         raise EmbedkitError(f"unknown export format {fmt!r}; choose h5ad, csv or npy")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # a full disk is one line and leaves no temp file
+        if fmt == "h5ad":  # every key in obsm, views as X_tsne/X_umap, centroids as obsm['spatial']
+            from .anndata_io import to_anndata
+
+            to_anndata(s, key, only_done).write_h5ad(tmp)
+        elif fmt == "csv":
+            import pandas as pd
+
+            vec = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+            pd.concat([obs, vec], axis=1).to_csv(tmp, index=False)
+        else:
+            with open(tmp, "wb") as fh:
+                np.save(fh, X)
+    if fmt == "npy":
+        atomic_write_text(f"{os.path.splitext(out)[0]}.items.csv", obs.to_csv(index=False))
     return out

@@ -21,41 +21,99 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has an image suffix embedkit can read."""
-    return str(path).lower().endswith(IMAGE_SUFFIXES)
+    from .formats import SUFFIXES  # microscopy formats read through bioio (embedkit.formats)
+
+    return str(path).lower().endswith(IMAGE_SUFFIXES + SUFFIXES)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as an (H, W, C) array in its stored dtype; raise BadImageError with the reason."""
+#: Largest image read whole, in pixels (height x width x planes): a 20,000 x 20,000 field would need
+#: gigabytes once decoded. The environment variable EMBEDKIT_MAX_PIXELS overrides it (0: no limit).
+DEFAULT_MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "EMBEDKIT_MAX_PIXELS"
+
+
+def max_pixels() -> int:
+    """The pixel limit in force: EMBEDKIT_MAX_PIXELS (e.g. 250000000 or 2.5e8; 0 turns it off) or 100 megapixels."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise EmbedkitError(f"{MAX_PIXELS_ENV}={raw!r}: not a number of pixels (e.g. 250000000, or 0 for no limit)") from None
+    if value < 0:
+        raise EmbedkitError(f"{MAX_PIXELS_ENV}={raw!r}: must be 0 (no limit) or a positive number of pixels")
+    return value
+
+
+def check_pixels(path: str, shape: Sequence[int], pixels: int, limit: int | None = None) -> None:
+    """Refuse an image of ``pixels`` pixels (its stored ``shape``) above the limit, before it is decoded."""
+    limit = max_pixels() if limit is None else limit
+    if limit and pixels > limit:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise BadImageError(path, f"is {dims} ({pixels / 1e6:.0f} megapixels), over the {limit / 1e6:g}-megapixel limit "
+                                  f"for reading an image whole; crop or tile it first, or raise the limit with "
+                                  f"{MAX_PIXELS_ENV}=<pixels>")
+
+
+def read_image(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Read an image as an (H, W, C) array in its stored dtype; raise BadImageError with the reason.
+
+    Its size is checked from the file header against ``limit`` (default :func:`max_pixels`) before any
+    pixel is decoded.
+    """
+    from . import formats
+
+    if formats.handles(path):  # OME-TIFF, OME-Zarr, CZI, ND2, LIF and item locators go through bioio
+        return formats.read_raw(path)
     path = Path(path)
     if not path.exists():
         raise BadImageError(str(path), "file not found")
     if path.stat().st_size == 0:
         raise BadImageError(str(path), "file is empty (0 bytes)")
+    limit = max_pixels() if limit is None else limit
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            arr = tifffile.imread(str(path))
+            arr = _read_tiff(path, limit)
         else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.array(im)
-                elif im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "F"):
-                    if im.mode == "P":
-                        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                    elif im.mode in ("CMYK", "YCbCr"):
-                        im = im.convert("RGB")
-                    arr = np.array(im)
-                else:
-                    arr = np.array(im)
+            arr = _read_pil(path, limit)
     except BadImageError:
         raise
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
-        raise BadImageError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())[:200]  # one line, however the decoder formats its message
+        raise BadImageError(str(path), f"not a readable image ({type(exc).__name__}: {reason})") from None
     return _to_hwc(arr, str(path))
+
+
+def _read_tiff(path: Path, limit: int) -> np.ndarray:
+    """The first series of a TIFF, its size checked from the IFDs before decoding."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        series = tf.series[0]
+        # Channel axes (samples, or few planes as _to_hwc reads them) do not count; every other axis does.
+        spatial = [d for d, ax in zip(series.shape, series.axes) if ax not in "SC" and d > 8]
+        check_pixels(str(path), series.shape, int(np.prod(spatial, dtype=np.int64)), limit)
+        return tf.asarray()
+
+
+def _read_pil(path: Path, limit: int) -> np.ndarray:
+    """PNG/JPEG/BMP through Pillow, its size checked from the header before decoding."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # embedkit's own limit, checked below, replaces Pillow's bomb check
+    try:
+        with Image.open(path) as im:
+            check_pixels(str(path), (im.height, im.width), im.width * im.height, limit)
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("CMYK", "YCbCr"):
+                im = im.convert("RGB")
+            return np.array(im)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_hwc(arr: np.ndarray, path: str) -> np.ndarray:
@@ -99,8 +157,8 @@ class Conversion:
                    rescale_8bit=bool(d.get("rescale_8bit", False)))
 
 
-def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None] | None:
-    """Parse a channel map such as '0', '2,1,0' or '1,0,-' (R,G,B source channels; '-' leaves one black)."""
+def parse_channels(spec: str | None) -> tuple[int | str | None, int | str | None, int | str | None] | None:
+    """Parse a channel map such as '0', '2,1,0', '1,0,-' or 'DAPI,Phalloidin,-' (R,G,B sources; '-' leaves one black)."""
     if spec is None or str(spec).strip() == "":
         return None
     parts = [p.strip() for p in str(spec).split(",")]
@@ -114,8 +172,10 @@ def parse_channels(spec: str | None) -> tuple[int | None, int | None, int | None
             out.append(None)
         elif p.isdigit():
             out.append(int(p))
+        elif p.isprintable() and p[0].isalpha():
+            out.append(p)  # a channel name, resolved per file from its metadata (embedkit.formats)
         else:
-            raise EmbedkitError(f"--channels {spec!r}: {p!r} is not a channel index or '-'")
+            raise EmbedkitError(f"--channels {spec!r}: {p!r} is not a channel index, a channel name or '-'")
     if all(c is None for c in out):
         raise EmbedkitError(f"--channels {spec!r} maps no channel at all")
     return out[0], out[1], out[2]
@@ -143,28 +203,40 @@ def _rescale(plane: np.ndarray, conv: Conversion) -> np.ndarray:
     return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image") -> np.ndarray:
+def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image", keep_uint8: bool = False) -> np.ndarray:
     """Convert an (H, W, C) raw array to float32 RGB in [0, 1] following ``conv``.
 
     Grayscale is replicated, RGBA drops alpha, and any other channel count needs ``conv.channels``.
+    ``keep_uint8``: 8-bit input that maps linearly (value / 255) stays uint8, so the division can happen
+    later on the encoder's device (the result divided by 255 equals the float32 output exactly).
     """
     if arr.ndim != 3:
         arr = _to_hwc(arr, path)
     c = arr.shape[2]
+    if conv.channels is not None and any(isinstance(i, str) for i in conv.channels):
+        from .formats import resolve_channel_names
+
+        conv = Conversion(resolve_channel_names(conv.channels, path), conv.percentiles, conv.rescale_8bit)
+    raw = keep_uint8 and arr.dtype == np.uint8 and not conv.rescale_8bit
+    dtype = np.uint8 if raw else np.float32
+
+    def rescale(plane: np.ndarray) -> np.ndarray:
+        return plane if raw else _rescale(plane, conv)
+
     if conv.channels is not None:
         bad = [i for i in conv.channels if i is not None and i >= c]
         if bad:
             raise BadImageError(path, f"has {c} channel(s) but --channels asks for channel {bad[0]}")
-        planes = [np.zeros(arr.shape[:2], np.float32) if i is None else _rescale(arr[:, :, i], conv) for i in conv.channels]
+        planes = [np.zeros(arr.shape[:2], dtype) if i is None else rescale(arr[:, :, i]) for i in conv.channels]
         return np.stack(planes, axis=-1)
     if c == 1:
-        g = _rescale(arr[:, :, 0], conv)
+        g = rescale(arr[:, :, 0])
         return np.stack([g, g, g], axis=-1)
     if c == 2 and arr.dtype == np.uint8:  # PIL 'LA': gray + alpha
-        g = _rescale(arr[:, :, 0], conv)
+        g = rescale(arr[:, :, 0])
         return np.stack([g, g, g], axis=-1)
     if c in (3, 4):
-        return np.stack([_rescale(arr[:, :, i], conv) for i in range(3)], axis=-1)
+        return np.stack([rescale(arr[:, :, i]) for i in range(3)], axis=-1)
     raise BadImageError(path, f"has {c} channels; pass --channels to map them to RGB, e.g. --channels 0,1,2 or --channels 1,0,-")
 
 

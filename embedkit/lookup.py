@@ -9,7 +9,6 @@ exact scan of the store in blocks (memory stays bounded however large the store 
 from __future__ import annotations
 
 import csv
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from .errors import EmbedkitError
 from .images import IMAGE_SUFFIXES, Conversion, is_image_file
+from .items import ItemSet
 from .neighbors import l2_normalize
 from .store import COMPARED_FIELDS, Store, comparable_config, fingerprint
 from .store_index import SavedIndex, load_vectors
@@ -28,7 +28,10 @@ CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 
 @dataclass
 class Query:
-    """One query: a store item (``row``) or an image file (``path``; ``row`` set when it is a store item's file)."""
+    """One parsed QUERY: a store item (``row``) or an image file (``path``; ``row`` set when it is a store item's file).
+
+    A query is a request, not an item: the items and their pixels come from :class:`~embedkit.items.ItemSet`.
+    """
 
     name: str
     kind: str
@@ -40,53 +43,29 @@ class Query:
         return self.kind == "item"
 
 
-class _Ids:
-    """Store ids and (lazily) absolute item paths, for resolving query strings."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.ids = store.ids
-        self.row_of = {str(i): r for r, i in enumerate(self.ids)}
-        self._path_row: dict[str, int] | None = None
-
-    def row_for_file(self, path: str) -> int | None:
-        if self._path_row is None:
-            paths = self.store.column("path")
-            self._path_row = {os.path.realpath(self.store.abspath(str(p))): r for r, p in enumerate(paths)}
-        return self._path_row.get(os.path.realpath(path))
-
-    def unknown(self, name: str, where: str = "") -> EmbedkitError:
-        hint = ""
-        starting = [str(i) for i in self.ids[:200_000] if str(i).startswith(name)] if name else []
-        if starting:
-            more = f" (or one of {len(starting) - 1} more ids starting so)" if len(starting) > 1 else ""
-            hint = f"; did you mean {starting[0]!r}{more}?"
-        elif 0 < len(self.ids) <= 50_000:
-            close = difflib.get_close_matches(name, [str(i) for i in self.ids], n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; ids look like {str(self.ids[0])!r}"
-        elif len(self.ids):
-            hint = f"; ids look like {str(self.ids[0])!r}"
-        return EmbedkitError(f"{where}{name!r} is neither an item id in {self.store.path.name} nor an existing image or CSV file{hint}")
+def _unknown(items: ItemSet, name: str, where: str = "") -> EmbedkitError:
+    return EmbedkitError(f"{where}{name!r} is neither an item id in {items.store.path.name} nor an existing image or "
+                         f"CSV file{items.id_hint(name)}")
 
 
 def parse_queries(store: Store, spec: str) -> list[Query]:
     """Resolve QUERY: an item id, an image file, or a CSV whose ``id`` or ``path`` column (or first column) lists them."""
-    ids = _Ids(store)
-    if spec in ids.row_of:
-        return [Query(spec, "item", row=ids.row_of[spec])]
+    items = ItemSet.from_store(store)
+    if spec in items.index:
+        return [Query(spec, "item", row=items.index[spec])]
     p = Path(spec)
     if p.is_dir():
         raise EmbedkitError(f"QUERY {spec} is a folder; give an image file, an item id, or a CSV listing them")
     if not p.exists():
-        raise ids.unknown(spec, "QUERY ")
+        raise _unknown(items, spec, "QUERY ")
     if p.suffix.lower() in CSV_SUFFIXES:
-        return _csv_queries(ids, p)
+        return _csv_queries(items, p)
     if is_image_file(p):
-        return [Query(spec, "image", row=ids.row_for_file(str(p)), path=str(p))]
+        return [Query(spec, "image", row=items.position_of_file(p), path=str(p))]
     raise EmbedkitError(f"QUERY {spec}: not an image ({', '.join(IMAGE_SUFFIXES)}) nor a CSV of ids or image paths")
 
 
-def _csv_queries(ids: _Ids, path: Path) -> list[Query]:
+def _csv_queries(items: ItemSet, path: Path) -> list[Query]:
     try:
         with open(path, newline="") as fh:
             sample = fh.read(4096)
@@ -110,18 +89,18 @@ def _csv_queries(ids: _Ids, path: Path) -> list[Query]:
     out = []
     for n, e in enumerate(entries):
         where = f"{path.name} entry {n + 1}: "
-        if only != "path" and e in ids.row_of:
-            out.append(Query(e, "item", row=ids.row_of[e]))
+        if only != "path" and e in items.index:
+            out.append(Query(e, "item", row=items.index[e]))
             continue
         if only == "id":
-            raise ids.unknown(e, where)
+            raise _unknown(items, e, where)
         f = Path(e) if Path(e).is_absolute() else base / e
         if f.is_file() and is_image_file(f):
-            out.append(Query(e, "image", row=ids.row_for_file(str(f)), path=str(f)))
+            out.append(Query(e, "image", row=items.position_of_file(f), path=str(f)))
         elif f.exists():
             raise EmbedkitError(f"{where}{e}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
         else:
-            raise ids.unknown(e, where)
+            raise _unknown(items, e, where)
     return out
 
 
@@ -262,3 +241,42 @@ def neighbors_frame(store: Store, queries: Sequence[Query], sims: np.ndarray, ro
             recs.append({"query": q.name, "rank": rank, "id": str(ids[r]), "label": str(labels[r]),
                          "group": str(groups[r]), "similarity": float(s)})
     return pd.DataFrame(recs, columns=["query", "rank", "id", "label", "group", "similarity"])
+
+
+@dataclass
+class NeighborResult:
+    """Neighbours of each query: similarities and store rows [Q, k], the table, and how they were found."""
+
+    queries: list[Query]
+    sims: np.ndarray
+    rows: np.ndarray
+    table: "object"
+    how: str
+    excluded: list[str | None] | None
+    notes: list[str]
+
+
+def find_neighbors(store: Store, query: str, key: str | None = None, k: int = 12, *, exclude_same_group: bool = False,
+                   index_path: str | os.PathLike | None = None, exact: bool = False,
+                   weights: str | os.PathLike | None = None, device: str = "cpu") -> NeighborResult:
+    """The ``k`` nearest items of each query (item id, image file or CSV), by a fresh saved index or an exact scan."""
+    from .store_index import open_index, stale_message
+
+    key = store.resolve_key(key)
+    queries = parse_queries(store, query)
+    notes: list[str] = []
+    saved = None
+    if not exact:
+        saved = open_index(store.path, key, index_path)
+        if saved is not None and not saved.fresh:
+            notes.append(f"warning: {stale_message(saved)}; searching exactly instead")
+            saved = None
+    qvecs = query_vectors(store, key, queries, weights=weights, device=device)
+    groups = store.groups
+    excl = [str(groups[q.row]) if q.row is not None else None for q in queries] if exclude_same_group else None
+    if exclude_same_group and any(q.row is None for q in queries):
+        notes.append("note: --exclude-same-group: image files that are not items of the store have no group; "
+                     "nothing hidden for them")
+    sims, rows = search_store(store, key, qvecs, k, exclude_groups=excl, index=saved)
+    how = f"index {saved.path.name} ({saved.record['kind']})" if saved is not None else "exact scan"
+    return NeighborResult(queries, sims, rows, neighbors_frame(store, queries, sims, rows), how, excl, notes)

@@ -22,6 +22,17 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: n
     return cm
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (NaN without rows)."""
+    classes = np.unique(y)
+    return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
+
+
+def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (clipped at 1e-12; NaN without rows)."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)))) if len(y) else float("nan")
+
+
 def _from_confusion(cm: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy (mean recall over classes present) and macro-F1 from a confusion matrix."""
     support = cm.sum(axis=1)
@@ -153,3 +164,16 @@ def mcnemar(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:
     stat = (abs(n01 - n10) - 1) ** 2 / n
     return {"a_only_correct": n01, "b_only_correct": n10, "statistic": float(stat), "p_value": float(chi2.sf(stat, 1)),
             "method": "chi-squared with continuity correction"}
+
+
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()

@@ -20,8 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text
 from .errors import EmbedkitError
-from .metrics import mcnemar, paired_bootstrap
+from .figures import pyplot
+from .metrics import holm, mcnemar, paired_bootstrap
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -140,7 +142,7 @@ def summary_rows(results: list[Result]) -> list[dict]:
     rows = []
     for r in results:
         rec = r.record
-        row = {"name": r.name, "path": str(r.path), "kind": rec.get("kind", ""), "encoder": rec.get("encoder", ""),
+        row = {"name": r.name, "path": str(r.path), "kind": "baseline" if rec.get("baseline") else rec.get("kind", ""), "encoder": rec.get("encoder", ""),
                "head": rec.get("head", ""), "model": rec.get("model", ""), "n_test": int(rec["metrics"].get("n", len(r.pred))),
                "n_test_groups": rec.get("n_test_groups"), "n_runs": len(rec.get("runs", {})) or 1,
                "splits_fingerprint": r.fingerprint or ""}
@@ -268,8 +270,8 @@ def _fmt_p(p: float) -> str:
 
 TABLE_HEAD = ["#", "result", "kind", "encoder / model", "head", "test items", "balanced accuracy [95% CI]",
               "macro-F1 [95% CI]", "AUROC [95% CI]", "training time", "inference"]
-PAIR_HEAD = ["A", "B", "paired items (groups)", "Δ balanced accuracy B − A [95% CI]", "p (bootstrap)",
-             "McNemar: only A right / only B right", "McNemar p", "note"]
+PAIR_HEAD = ["A", "B", "paired items (groups)", "Δ balanced accuracy B − A [95% CI]", "p (group bootstrap)",
+             "McNemar: only A right / only B right", "McNemar p (items, ignores groups)", "note"]
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
@@ -288,7 +290,8 @@ def pair_cells(pairs: list[dict]) -> list[list[str]]:
             continue
         mc = p["mcnemar"]
         out.append([p["a"], p["b"], f"{p['n_paired']} ({p['n_groups']})",
-                    f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]", _fmt_p(p["p_boot"]),
+                    f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]",
+                    _fmt_p(p["p_holm"]) + " (Holm)" if "p_holm" in p else _fmt_p(p["p_boot"]),
                     f"{mc['a_only_correct']} / {mc['b_only_correct']}", _fmt_p(mc["p_value"]), p["note"]])
     return out
 
@@ -307,15 +310,15 @@ def render_markdown(rows: list[dict], pairs: list[dict], warnings: list[str]) ->
     lines += [""] + _md_table(TABLE_HEAD, table_cells(rows))
     if pairs:
         lines += ["", "## Paired tests on the same test items", "",
-                  "Δ is B − A; its CI comes from a paired bootstrap over test groups. McNemar counts items only one "
-                  "of the two got right.", ""]
+                  "Δ is B − A; its CI and p come from a paired bootstrap over test groups (the default test: cells of one "
+                  "group are not independent). When every row is tested against the best row, p is Holm-adjusted. "
+                  "McNemar counts single items, so it overstates significance; it is shown for reference.", ""]
         lines += _md_table(PAIR_HEAD, pair_cells(pairs))
     return "\n".join(lines) + "\n"
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -324,11 +327,7 @@ def _png(fig) -> str:
 
 def forest_plot(rows: list[dict]) -> str:
     """Balanced accuracy with 95% CIs per row, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
     ys = np.arange(len(rows))[::-1]
     for y, r in zip(ys, rows):
@@ -345,11 +344,7 @@ def forest_plot(rows: list[dict]) -> str:
 
 def pairs_plot(pairs: list[dict]) -> str:
     """Paired differences B − A with 95% CIs, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [p for p in pairs if "ci" in p]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(ok) + 1.2))
     ys = np.arange(len(ok))[::-1]
@@ -406,12 +401,6 @@ def render_html(rows: list[dict], pairs: list[dict], warnings: list[str], result
     return "".join(parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _default_out(paths: Sequence[str | os.PathLike]) -> Path:
     if len(paths) == 1 and not (Path(paths[0]) / METRICS_FILE).exists():
         return Path(paths[0]) / "comparison"
@@ -436,14 +425,17 @@ def compare_results(paths: Sequence[str | os.PathLike], *, out: str | os.PathLik
         best = by_name[rows[0]["name"]]
         chosen = [(best, by_name[r["name"]]) for r in rows[1:]]
     tests = [paired_test(a, b, n_boot=n_boot, seed=seed) for a, b in chosen]
+    tested = [t for t in tests if "p_boot" in t]
+    for t, p in zip(tested, holm([t["p_boot"] for t in tested]) if not pairs else [t["p_boot"] for t in tested]):
+        t["p_holm" if not pairs else "p_adjusted_none"] = p
     md = render_markdown(rows, tests, warnings)
     dest = Path(out) if out is not None else _default_out(paths)
     dest.mkdir(parents=True, exist_ok=True)
-    _atomic_write(dest / "comparison.md", md)
+    atomic_write_text(dest / "comparison.md", md)
     _write_csv(dest / "comparison.csv", rows, warnings)
-    _atomic_write(dest / "comparison.json", json.dumps({"warnings": warnings, "rows": rows, "pairs": tests}, indent=1,
-                                                       default=float))
-    _atomic_write(dest / "comparison.html", render_html(rows, tests, warnings, results))
+    atomic_write_text(dest / "comparison.json", json.dumps({"warnings": warnings, "rows": rows, "pairs": tests}, indent=1,
+                                                           default=float))
+    atomic_write_text(dest / "comparison.html", render_html(rows, tests, warnings, results))
     return Comparison(dest, rows, tests, warnings, md, results)
 
 
@@ -452,6 +444,5 @@ def _write_csv(path: Path, rows: list[dict], warnings: list[str]) -> None:
 
     df = pd.DataFrame(rows)
     df["warning"] = " ".join(warnings)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)

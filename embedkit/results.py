@@ -7,13 +7,14 @@ short ``summary.md``. ``embedkit compare`` reads these folders, so both stages s
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text
+from .figures import pyplot, save_figure
 from .metrics import classification_metrics, group_bootstrap
 from .store import now_iso
 
@@ -30,12 +31,6 @@ def predictions_frame(ids: Sequence[str], groups: Sequence[str], true: Sequence[
     for i, c in enumerate(classes):
         df[f"p_{c}"] = proba[:, i]
     return df
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summarize(pred, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -70,26 +65,33 @@ def write_results(out_dir: str | os.PathLike, pred, classes: Sequence[str], info
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(pred, classes, n_boot=n_boot)
     record = {"created": now_iso(), "classes": list(classes), **info, **summary}
-    tmp = out / ".predictions.csv.tmp"
-    pred.to_csv(tmp, index=False)
-    os.replace(tmp, out / "predictions.csv")
-    _atomic_text(out / "metrics.json", json.dumps(record, indent=1, default=_json_default))
+    with atomic_path(out / "predictions.csv") as tmp:
+        pred.to_csv(tmp, index=False)
+    atomic_write_text(out / "metrics.json", json_text(record))
     plot_confusion(np.array(summary["metrics"]["confusion"]), classes, out / "confusion.png", title)
     scored = pred[pred["true"] != ""]
     plot_roc(scored["true"].map({c: i for i, c in enumerate(classes)}).to_numpy(),
              scored[[f"p_{c}" for c in classes]].to_numpy(dtype=float), classes, out / "roc.png", title)
-    _atomic_text(out / "summary.md", summary_markdown(record, title))
+    atomic_write_text(out / "summary.md", summary_markdown(record, title))
     return record
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
+def json_default(o):
+    """JSON for numpy scalars and arrays (anything else as its string)."""
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def json_text(obj) -> str:
+    """``obj`` as indented JSON, numpy values included."""
+    import json
+
+    return json.dumps(obj, indent=1, default=json_default)
 
 
 def fmt_ci(value: float, ci: Sequence[float] | None) -> str:
@@ -116,10 +118,7 @@ def summary_markdown(record: dict, title: str | None = None) -> str:
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, title: str | None = None) -> None:
     """Row-normalised confusion matrix with raw counts in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(classes)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -138,16 +137,12 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title(title or "confusion (row-normalised, counts shown)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_roc(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: str | os.PathLike, title: str | None = None) -> None:
     """One-vs-rest ROC curves (the positive class only for two classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -164,5 +159,4 @@ def plot_roc(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: str
     ax.set_title(title or "ROC (one-vs-rest)", fontsize=10)
     ax.legend(fontsize=6, loc="lower right", ncol=2 if len(classes) > 8 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -6,15 +6,18 @@ Every source becomes a list of :class:`Item` rows with a unique id, a path relat
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import EmbedkitError
-from .images import is_image_file
+from .images import IMAGE_SUFFIXES, is_image_file
+from .items import Item
 
 #: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
 GROUP_PRESETS: dict[str, str] = {
@@ -22,17 +25,6 @@ GROUP_PRESETS: dict[str, str] = {
     "parent": r"^(?:(.*)/)?[^/]+$",
     "file": r"^(.*)$",
 }
-
-
-@dataclass
-class Item:
-    """One image (or cell) to embed."""
-
-    id: str
-    path: str
-    label: str = ""
-    group: str = ""
-    meta: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,7 +79,11 @@ def _apply_groups(items: list[Item], group_by: str | None, columns: Sequence[str
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    from .formats import zarr_root  # an OME-Zarr folder is one image (embedkit.formats)
+
+    files = [p for p in folder.rglob("*") if not p.name.startswith(".") and is_image_file(p)
+             and (p.is_file() or p.suffix.lower() == ".zarr") and zarr_root(p.relative_to(folder).parent) is None]
+    return sorted(files)
 
 
 def from_class_folders(root: Path) -> list[Item]:
@@ -100,21 +96,66 @@ def from_class_folders(root: Path) -> list[Item]:
     return items
 
 
+def decode_text(path: str | os.PathLike, data: bytes) -> str:
+    """Decode a text file as UTF-8 (a byte-order mark is accepted); otherwise one line naming the likely encoding."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise EmbedkitError(f"{path}: is UTF-16 text, not UTF-8; save it as UTF-8 (in Excel: 'CSV UTF-8') and run again")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        try:
+            data.decode("cp1252")
+            guess = "cp1252"
+        except UnicodeDecodeError:
+            guess = "latin-1"
+        raise EmbedkitError(
+            f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); it looks like {guess}. Save it as "
+            f"UTF-8 (in Excel: 'CSV UTF-8'), or convert it: iconv -f {guess} -t utf-8 {Path(path).name} > fixed.csv") from None
+
+
+def read_csv_rows(path: str | os.PathLike, required: Sequence[str], what: str = "manifest"
+                  ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A UTF-8 CSV's columns and its non-blank rows as (line number, {column: value}), values stripped.
+
+    A row with more fields than the header (an unquoted comma in a label) is refused, naming its line;
+    shorter rows leave their missing trailing columns ''. ``required`` columns must be in the header.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise EmbedkitError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    reader = csv.reader(io.StringIO(decode_text(path, data), newline=""))
+    rows: list[tuple[int, dict[str, str]]] = []
+    try:
+        cols = [c.strip() for c in next(reader, [])]
+        missing = [c for c in required if c not in cols]
+        if missing:
+            need = f"a {required[0]!r} column" if len(required) == 1 else f"{' and '.join(map(repr, required))} columns"
+            raise EmbedkitError(f"{path}: a {what} needs {need} (found: {', '.join(cols) or 'none'})")
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) > len(cols):
+                raise EmbedkitError(f"{path}:{reader.line_num}: {len(fields)} fields but the header has {len(cols)} columns; "
+                                    f"quote any value that holds a comma, e.g. \"Anaphase, late\"")
+            fields += [""] * (len(cols) - len(fields))
+            rows.append((reader.line_num, {c: f.strip() for c, f in zip(cols, fields)}))
+    except csv.Error as exc:
+        raise EmbedkitError(f"{path}:{reader.line_num}: not a readable CSV ({exc})") from None
+    return cols, rows
+
+
 def from_manifest(csv_path: Path) -> tuple[list[Item], list[str]]:
     """Read a CSV manifest: ``path`` is required; ``label``, ``group`` and ``id`` optional; other columns kept."""
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in cols:
-            raise EmbedkitError(f"{csv_path}: a manifest needs a 'path' column (found: {', '.join(cols) or 'none'})")
-        items = []
-        for lineno, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            if not row.get("path"):
-                raise EmbedkitError(f"{csv_path}:{lineno}: empty 'path'")
-            meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "id")}
-            items.append(Item(id=row.get("id") or row["path"], path=row["path"], label=row.get("label", ""),
-                              group=row.get("group", ""), meta=meta))
+    cols, rows = read_csv_rows(csv_path, ("path",))
+    items = []
+    for lineno, row in rows:
+        if not row.get("path"):
+            raise EmbedkitError(f"{csv_path}:{lineno}: empty 'path'")
+        meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "id")}
+        items.append(Item(id=row.get("id") or row["path"], path=row["path"], label=row.get("label", ""),
+                          group=row.get("group", ""), meta=meta))
     if not items:
         raise EmbedkitError(f"{csv_path}: the manifest lists no images")
     return items, cols
@@ -134,7 +175,7 @@ def discover(source: str | os.PathLike | Sequence[str | os.PathLike], group_by: 
         items, cols = from_manifest(src)
         _apply_groups(items, group_by, cols)
         return _checked(Source(root=str(src.parent.resolve()), items=items, kind="manifest"))
-    if src.is_file():
+    if src.is_file() or src.suffix.lower() == ".zarr":
         return _from_files([src], group_by)
     has_class_dirs = any(p.is_dir() and not p.name.startswith(".") and _image_files(p) for p in src.iterdir())
     if has_class_dirs:
@@ -152,8 +193,12 @@ def discover(source: str | os.PathLike | Sequence[str | os.PathLike], group_by: 
 def _from_files(paths: Iterable[Path], group_by: str | None) -> Source:
     paths = [p.resolve() for p in paths]
     for p in paths:
-        if not p.is_file():
+        if not (p.is_file() or (p.is_dir() and p.suffix.lower() == ".zarr")):
             raise EmbedkitError(f"{p}: no such file")
+        if p.suffix.lower() in (".h5", ".hdf5"):
+            raise EmbedkitError(f"{p}: not a readable embedkit store (HDF5)")
+        if not is_image_file(p):
+            raise EmbedkitError(f"{p}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a CSV manifest")
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     items = [Item(id=p.relative_to(root).as_posix(), path=p.relative_to(root).as_posix()) for p in paths]
     _apply_groups(items, group_by)

@@ -52,10 +52,9 @@ class Splits:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
-        os.replace(tmp, path)
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Splits":
@@ -113,6 +112,49 @@ def make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str]
                      "val_size": val_size, "folds": folds or 1})
     check_splits(s, dict(zip(ids, groups)), dict(zip(ids, labels)))
     return s
+
+
+@dataclass
+class SplitSpec:
+    """How a stage gets its splits: a saved splits.json, or new ones (one per seed; K group folds or one split)."""
+
+    splits_file: str | None = None
+    test_size: float = 0.2
+    val_size: float = 0.2
+    folds: int | None = None
+    seeds: int = 1
+    seed: int = 0
+    group_by: str | None = None
+
+
+def run_names(splits: Splits) -> list[str]:
+    """The name of each fold's run: the splits file's own names (as 'embedkit probe' records them) or fold<k>."""
+    names = splits.meta.get("runs") or []
+    return [str(n) for n in names] if len(names) == len(splits.folds) else [f"fold{k}" for k in range(len(splits.folds))]
+
+
+def load_or_make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str], spec: SplitSpec,
+                        group_by: str = "group") -> tuple[Splits, list[str]]:
+    """The splits of ``spec`` and each run's name: its saved file, or new runs (seed<s>, fold<k>) as probe names them.
+
+    The one place probe, finetune and leaks get splits from; callers check them against their own items.
+    """
+    if spec.splits_file:
+        if spec.folds or spec.seeds > 1:
+            raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
+        splits = Splits.load(spec.splits_file)
+        return splits, run_names(splits)
+    folds, names, meta = [], [], {}
+    for i in range(spec.seeds):
+        sp = make_splits(ids, labels, groups, test_size=spec.test_size, val_size=spec.val_size, folds=spec.folds,
+                         seed=spec.seed + i, group_by=group_by)
+        meta = sp.meta
+        for j, f in enumerate(sp.folds):
+            folds.append(f)
+            names.append("-".join(([f"seed{spec.seed + i}"] if spec.seeds > 1 or not spec.folds else [])
+                                  + ([f"fold{j}"] if spec.folds else [])))
+    meta = {**meta, "seeds": spec.seeds, "runs": names}
+    return Splits(folds, group_by=group_by, seed=spec.seed, meta=meta), names
 
 
 def check_splits(splits: Splits, group_of: dict[str, str], label_of: dict[str, str] | None = None) -> list[str]:

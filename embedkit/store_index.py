@@ -52,8 +52,7 @@ def coverage(store: Store, key: str) -> dict:
     """What an index built now from ``store``/``key`` would cover."""
     done = store.done(key)
     cfg = store.config(key)
-    with store.h5() as f:
-        fp = str(f["embeddings"][key].attrs.get("config_fingerprint", ""))
+    fp = str(store.key_attrs(key).get("config_fingerprint", ""))
     return {"store": str(Path(store.path).resolve()), "store_created": str(store.attrs.get("created", "")),
             "key": key, "encoder": cfg.get("encoder"), "config_fingerprint": fp, "n_items": int(len(done)),
             "n_rows": int(done.sum()), "rows_fingerprint": rows_fingerprint(done)}

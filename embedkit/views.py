@@ -26,7 +26,8 @@ import numpy as np
 from .errors import EmbedkitError
 from .images import Conversion
 from .neighbors import knn_graph, l2_normalize
-from .store import Store, now_iso, transaction, write_lock
+from .store import Store, now_iso, write_lock
+from .store.writing import save_view
 from .store_index import coverage, load_vectors
 
 METHODS = ("tsne", "umap", "pca")
@@ -171,12 +172,10 @@ def view_params(method: str, **overrides) -> dict:
 
 def read_layout(store: Store, key: str, method: str) -> tuple[Layout, dict] | None:
     """The saved view of ``key``/``method`` and its attributes, or None."""
-    with store.h5() as f:
-        if "views" not in f or key not in f["views"] or method not in f["views"][key]:
-            return None
-        ds = f["views"][key][method]
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ds.attrs.items()}
-        coords = ds[:]
+    found = store.view(key, method)
+    if found is None:
+        return None
+    coords, attrs = found
     return Layout(key, method, coords, json.loads(attrs.get("params", "{}")), json.loads(attrs.get("info", "{}")), True,
                   float(attrs.get("seconds", 0.0))), attrs
 
@@ -195,20 +194,13 @@ def saved_layout(store: Store, key: str, method: str, params: dict) -> Layout | 
 
 
 def save_layout(store_path: str | os.PathLike, layout: Layout, cov: dict) -> None:
-    """Write ``/views/<key>/<method>`` with its parameters through an atomic store transaction."""
-    with write_lock(store_path), transaction(store_path) as f:
-        g = f.require_group("views").require_group(layout.key)
-        if layout.method in g:
-            del g[layout.method]
-        ds = g.create_dataset(layout.method, data=layout.coords.astype(np.float32))
-        ds.attrs["method"] = layout.method
-        ds.attrs["params"] = json.dumps(layout.params, sort_keys=True)
-        ds.attrs["info"] = json.dumps(layout.info, sort_keys=True)
-        ds.attrs["rows_fingerprint"] = cov["rows_fingerprint"]
-        ds.attrs["config_fingerprint"] = cov["config_fingerprint"]
-        ds.attrs["n_rows"] = cov["n_rows"]
-        ds.attrs["seconds"] = round(layout.seconds, 2)
-        ds.attrs["created"] = now_iso()
+    """Write ``/views/<key>/<method>`` with its parameters in one atomic store commit."""
+    attrs = {"method": layout.method, "params": json.dumps(layout.params, sort_keys=True),
+             "info": json.dumps(layout.info, sort_keys=True), "rows_fingerprint": cov["rows_fingerprint"],
+             "config_fingerprint": cov["config_fingerprint"], "n_rows": cov["n_rows"],
+             "seconds": round(layout.seconds, 2), "created": now_iso()}
+    with write_lock(store_path):
+        save_view(store_path, layout.key, layout.method, layout.coords, attrs)
 
 
 def make_layout(store_path: str | os.PathLike, key: str | None, method: str, params: dict | None = None, *,

@@ -60,11 +60,14 @@ def main() -> int:
     import torch
 
     from embedkit.device import resolve_device
-from embedkit.embed import embed, to_tensor
+    from embedkit.embed import embed, to_tensor
     from embedkit.encoders import create_encoder
-    from embedkit.explain import (StoreItems, compute_cam, explain, load_model, load_item_rgb, parse_methods,
-                                  resolve_layer, select_items, trace_layers)
+    from embedkit.explain import (compute_cam, explain, load_model, parse_methods, resolve_layer, select_items,
+                                  trace_layers)
+    from embedkit.items import ItemSet
     from embedkit.probe import ProbeSettings, run_probe
+    from embedkit.splits import SplitSpec
+    from embedkit.store import Store
 
     methods = parse_methods(args.methods)
     bench = Path(args.out).parent
@@ -72,18 +75,19 @@ from embedkit.embed import embed, to_tensor
     src = sample_cells(data, args.per_class, args.seed)
     store = bench / f"explain_lite0_{args.per_class}.h5"
     embed(src, store, create_encoder("efficientnet_lite0"), progress=True)
-    report = run_probe(store, bench / "explain_probe", settings=ProbeSettings(heads=("logreg",), seed=args.seed),
+    report = run_probe(store, bench / "explain_probe", settings=ProbeSettings(heads=("logreg",), split=SplitSpec(seed=args.seed)),
                        progress=True)
     record = report.results[0].record
     model = load_model(bench / "explain_probe" / "logreg")
     dev = resolve_device(args.device)
     model.to(dev)
-    cells = StoreItems(store)
-    items = select_items(bench / "explain_probe" / "logreg" / "predictions.csv", "per-class", args.per_class_explain,
-                         cells)
+    cells = Store(store)
+    items = ItemSet.from_items(select_items(bench / "explain_probe" / "logreg" / "predictions.csv", "per-class",
+                                            args.per_class_explain, ItemSet.from_store(cells)), cells)
 
     # cost: each method against one forward + backward of the same batch
-    xb = torch.stack([to_tensor(load_item_rgb(it, model.conversion, cells), model.preprocess) for it in items[:8]]).to(dev)
+    xb = torch.stack([to_tensor(items.rgb(i, model.conversion), model.preprocess)
+                      for i in range(min(8, len(items)))]).to(dev)
     _, layer = resolve_layer(model, None, trace_layers(model, xb[:1]))
     targets = [0] * len(xb)
 
@@ -104,7 +108,7 @@ from embedkit.embed import embed, to_tensor
     ratio = {m: cost[m] / cost["baseline_forward_backward"] for m in methods if m in cost}
 
     t0 = time.perf_counter()
-    res = explain(model, items, bench / "explain_out", methods=methods, store=cells, faithfulness=True,
+    res = explain(model, items, bench / "explain_out", methods=methods, faithfulness=True,
                   steps=args.steps, device=args.device, progress=True)
     run_seconds = time.perf_counter() - t0
     faith = {r["method"]: r for r in res.faithfulness}

@@ -76,7 +76,7 @@ def mitocheck(data: Path, bench: Path, device: str) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    data_ = load_probe_data(str(store))
+    data_ = load_probe_data(Store(store))
     fold = report.splits.folds[0]
     pos = {i: p for p, i in enumerate(data_.ids)}
     tr = np.array([pos[i] for i in fold.train])
@@ -150,7 +150,8 @@ def synthetic_store(path: Path, n: int, dim: int, n_classes: int = 16, group_siz
 CHILD_LOAD = """
 import sys, time, numpy as np
 from embedkit.probe.data import load_probe_data
-t = time.perf_counter(); d = load_probe_data(sys.argv[1]); x = d.vectors()
+from embedkit.store import Store
+t = time.perf_counter(); d = load_probe_data(Store(sys.argv[1])); x = d.vectors()
 print(f"loaded {x.shape} {x.dtype} in {time.perf_counter() - t:.1f}s")
 """
 
@@ -158,7 +159,8 @@ CHILD_SUBSAMPLE = """
 import sys, time, numpy as np
 from embedkit.probe.data import load_probe_data
 from embedkit.probe.features import Preprocessor
-d = load_probe_data(sys.argv[1]); n = int(sys.argv[3]); rng = np.random.default_rng(0)
+from embedkit.store import Store
+d = load_probe_data(Store(sys.argv[1])); n = int(sys.argv[3]); rng = np.random.default_rng(0)
 pos = np.sort(rng.choice(len(d.ids), n, replace=False)); x = d.vectors(pos)
 classes = sorted(set(d.labels)); y = np.array([classes.index(l) for l in d.labels[pos]])
 t = time.perf_counter()

@@ -19,7 +19,7 @@ DATA = ROOT / "tests" / "data"
 MITOCHECK = DATA / "mitocheck"
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = True, timeout: float = 3000, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m embedkit.cli ARGS`` against this checkout; returns the completed process."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
@@ -36,9 +36,9 @@ def mitocheck_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_store_ro(tmp_path_factory) -> Path:
-    """The bundled sample embedded once with the real efficientnet_lite0; treat as read-only."""
+    """The bundled sample embedded once with the real efficientnet_lite0 (plus its baseline keys); treat as read-only."""
     path = tmp_path_factory.mktemp("lite0") / "cells.h5"
-    run_cli("embed", MITOCHECK, "--store", path, "--group-by", "mitocheck", "--quiet")
+    run_cli("embed", MITOCHECK, "--store", path, "--group-by", "mitocheck", "--baselines", "--quiet")
     return path
 
 
@@ -47,4 +47,7 @@ def lite0_store(lite0_store_ro, tmp_path) -> Path:
     """A private copy of the embedded sample that a test may modify."""
     dst = tmp_path / "cells.h5"
     shutil.copy(lite0_store_ro, dst)
+    shards = Path(f"{lite0_store_ro}.shards")  # a store's big arrays live in shards beside it
+    if shards.is_dir():
+        shutil.copytree(shards, f"{dst}.shards")
     return dst

@@ -25,6 +25,11 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
+def _tree_bytes(folder) -> dict:
+    """Every file under ``folder`` (the store, its shards, reports) with its bytes; the lock file excluded."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+
+
 def _manifest(path, files, labels=None):
     rows = ["path,label,group"] + [f"{f},{(labels or {}).get(str(f), f.parent.name)},{f.name[4:11]}" for f in files]
     path.write_text("\n".join(rows) + "\n")
@@ -87,14 +92,14 @@ def test_resume_after_sigkill_gives_identical_vectors(tmp_path, subset):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "embed", str(src), "--store", str(killed), *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    journal = tmp_path / "killed.h5.partial" / "efficientnet_lite0"
+    shards = tmp_path / "killed.h5.shards"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(journal.glob("chunk_*.npz"))) < 2:
+    while time.time() < deadline and len(list(shards.glob("embed-efficientnet_lite0-*/w0-r*.h5"))) < 2:
         assert proc.poll() is None, "run finished before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(journal.glob("chunk_*.npz")))
+    done_before = len(list(shards.glob("embed-efficientnet_lite0-*/w0-r*.h5")))
     assert 2 <= done_before < 6
     with h5py.File(killed, "r") as f:  # readable by plain h5py right after the kill
         assert f["items"]["id"].shape[0] == len(subset)
@@ -102,7 +107,7 @@ def test_resume_after_sigkill_gives_identical_vectors(tmp_path, subset):
 
     out = run_cli("embed", src, "--store", killed, *args).stdout
     assert f"{done_before * 8} were already done" in out
-    assert not journal.exists()
+    assert not list(shards.glob("*/run.json"))  # committed: no pending run is left
     a, b = Store(full), Store(killed)
     assert list(a.ids) == list(b.ids)
     assert np.array_equal(a.vectors("efficientnet_lite0"), b.vectors("efficientnet_lite0"))
@@ -144,10 +149,10 @@ def test_missing_manifest_file_and_key_mismatch(tmp_path, subset):
     assert "does_not_exist.png" in line and "file not found" in line
     assert not store.exists()
     run_cli("embed", src, "--store", store, "--quiet", "--skip-bad")
-    before = store.read_bytes()
+    before = _tree_bytes(tmp_path)
     line = _error_line(run_cli("embed", src, "--store", store, "--image-size", "128", "--quiet", "--skip-bad", check=False))
     assert "different encoder configuration" in line and "--key" in line
-    assert store.read_bytes() == before  # nothing already written is lost or changed
+    assert _tree_bytes(tmp_path) == before  # nothing already written is lost or changed, and nothing is added
     # another configuration goes under its own key, beside the first
     run_cli("embed", src, "--store", store, "--image-size", "128", "--key", "lite0_128", "--quiet", "--skip-bad")
     assert sorted(Store(store).keys) == ["efficientnet_lite0", "lite0_128"]

@@ -146,3 +146,119 @@ def test_encoder_from_config_rebuilds_and_checks_weights(tmp_path):
     assert again.preprocess == enc.preprocess and again.weights_fingerprint == enc.weights_fingerprint
     with pytest.raises(EmbedkitError, match="differ from those the store was made with"):
         encoder_from_config({**enc.config, "weights_fingerprint": "0000"})
+
+
+def _half(state: dict) -> dict:
+    keys = sorted(state)
+    return {k: state[k] for k in keys[: len(keys) // 2]}
+
+
+def _one_line_refusal(match: str, **kwargs) -> str:
+    with pytest.raises(EmbedkitError, match=match) as exc:
+        create_encoder(**kwargs)
+    msg = str(exc.value)
+    assert "\n" not in msg and not isinstance(exc.value, WeightsNotFoundError)
+    return msg
+
+
+def test_transformers_folder_with_missing_or_foreign_weights_is_refused(tmp_path):
+    """Half, empty or garbage model.safetensors never loads as a silently random model; a classifier head may be extra."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_hf("dinov2", tmp_path / "full")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    variants = {"half": _half(full), "empty": {}, "head": {**full, "classifier.weight": torch.zeros(3, 32)},
+                "foreign": {**full, "encoder.layer.7.extra": torch.zeros(2)}}
+    for name, state in variants.items():
+        shutil.copytree(tmp_path / "full", tmp_path / name)
+        save_file(state, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(tmp_path / "full", tmp_path / "garbage")
+    (tmp_path / "garbage" / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+
+    missing = sorted(k for k in set(full) - set(variants["half"]) if "mask_token" not in k)
+    msg = _one_line_refusal(f"{len(missing)} of the model's {len(full)} tensors are missing", name="dinov2_vits14",
+                            weights=str(tmp_path / "half"))
+    assert missing[0] in msg and "would stay random" in msg
+    _one_line_refusal(f"{len(full) - 1} of the model's {len(full)} tensors are missing", name="dinov2_vits14",
+                      weights=str(tmp_path / "empty"))  # all but the unused mask token
+    _one_line_refusal(r"encoder\.layer\.7\.extra", name=f"hf:{tmp_path / 'foreign'}")
+    _one_line_refusal(r"cannot be read", name="dinov2_vits14", weights=str(tmp_path / "garbage"))
+    x = torch.randn(1, 3, 56, 56)
+    with torch.inference_mode():
+        ref = model(pixel_values=x).last_hidden_state[:, 0]
+        for ok in ("full", "head"):
+            enc = create_encoder("dinov2_vits14", weights=str(tmp_path / ok), image_size=56)
+            torch.testing.assert_close(enc(x), ref)
+
+
+def test_timm_checkpoint_files_load_strictly(tmp_path):
+    """timm weights files: complete (with or without a head) load exactly; half, foreign, garbage or a folder do not."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64).eval()
+    state = ref.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    save_file(state, tmp_path / "with_head.safetensors")
+    torch.save({"state_dict": backbone}, tmp_path / "backbone.pth")
+    save_file(_half(state), tmp_path / "half.safetensors")
+    torch.save({"model": {**backbone, "blocks.99.norm.weight": torch.ones(192)}}, tmp_path / "foreign.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 10)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("x")
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = ref.forward_features(x)[:, 0]
+        for f in ("with_head.safetensors", "backbone.pth"):
+            enc = create_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / f), image_size=64)
+            torch.testing.assert_close(enc(x), expected)
+    msg = _one_line_refusal("tensors are missing", name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "half.safetensors"))
+    assert "blocks." in msg or "pos_embed" in msg
+    _one_line_refusal(r"blocks\.99\.norm\.weight", name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "foreign.pth"))
+    _one_line_refusal("not a readable PyTorch checkpoint", name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "garbage.pth"))
+    _one_line_refusal("the folder is empty", name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "empty"))
+    _one_line_refusal("a folder; pass the checkpoint file", name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "folder"))
+
+
+def test_official_dinov3_checkpoint_missing_blocks_is_refused(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, img_size=64)
+    state = _official_dinov3_state(ref)
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, tmp_path / "dinov3_cut.pth")
+    msg = _one_line_refusal("tensors are missing", name="dinov3_vits16", weights=str(tmp_path / "dinov3_cut.pth"))
+    assert "blocks.11." in msg
+
+
+def test_torchvision_and_lite_weights_load_strictly(tmp_path):
+    """torchvision: complete or head-less weights load exactly, half do not; lite0: the packaged file cut in half is refused."""
+    import torchvision
+
+    from embedkit.encoders.lite import lite_weights_path
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    state = ref.state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, tmp_path / "resnet18_backbone.pth")
+    torch.save(_half(state), tmp_path / "resnet18_half.pth")
+    x = torch.randn(2, 3, 64, 64)
+    ref.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        for f in ("resnet18.pth", "resnet18_backbone.pth"):
+            torch.testing.assert_close(create_encoder("resnet18", weights=str(tmp_path / f))(x), ref(x))
+    msg = _one_line_refusal("tensors are missing", name="resnet18", weights=str(tmp_path / "resnet18_half.pth"))
+    assert "layer" in msg
+
+    packaged = torch.load(lite_weights_path(get_spec("efficientnet_lite0")), map_location="cpu", weights_only=True)
+    torch.save(dict(list(packaged.items())[: len(packaged) // 2]), tmp_path / "lite_half.pth")
+    _one_line_refusal("where the architecture has", name="efficientnet_lite0", weights=str(tmp_path / "lite_half.pth"))
+    timm_named = create_encoder("efficientnet_lite0").model.state_dict()
+    torch.save(_half(timm_named), tmp_path / "lite_timm_half.pth")
+    _one_line_refusal("tensors are missing", name="efficientnet_lite0", weights=str(tmp_path / "lite_timm_half.pth"))

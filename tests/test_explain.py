@@ -12,11 +12,12 @@ import torch
 from embedkit.embed import to_tensor
 from embedkit.encoders import Preprocess, create_encoder
 from embedkit.errors import EmbedkitError
-from embedkit.explain import (METHOD_NAMES, ExplainItem, TokensToGrid, compose, compute_cam, parse_methods,
+from embedkit.explain import (METHOD_NAMES, TokensToGrid, compose, compute_cam, parse_methods,
                               resolve_items, resolve_layer, select_rows, to_image_geometry, token_layout, trace_layers,
                               wrap_classifier)
 from embedkit.explain.faithfulness import deletion_insertion, random_saliency, summarize
 from embedkit.images import load_rgb
+from embedkit.items import Item
 
 torch.manual_seed(0)
 
@@ -146,16 +147,16 @@ def test_bad_methods_and_layers_get_clear_errors(lite0_head, mitocheck_dir):
 
 def test_items_from_files_folders_and_store_ids(mitocheck_dir, tmp_path):
     from embedkit import store as st
-    from embedkit.explain import StoreItems
+    from embedkit.items import ItemSet
     from embedkit.sources import discover
 
     src = discover(mitocheck_dir, group_by="mitocheck")
     with st.transaction(tmp_path / "items.h5") as f:
         st.write_items(f, src.items, src.root)
-    store = StoreItems(tmp_path / "items.h5")
+    store = ItemSet.from_store(st.Store(tmp_path / "items.h5"))
     one = cells(mitocheck_dir, 1)[0]
     got = resolve_items([store.ids[3], str(one), str(mitocheck_dir / "Anaphase")], store)
-    assert got[0].store_row == 3 and got[0].label == str(store.labels[3])
+    assert got[0].row == 3 and got[0].label == str(store.labels[3])
     assert got[1].path == str(one.resolve()) and got[1].label == ""
     assert len(got) == 2 + len(list((mitocheck_dir / "Anaphase").glob("*.png")))
     with pytest.raises(EmbedkitError, match="not in store .*320 items"):
@@ -220,7 +221,7 @@ def test_explain_run_writes_maps_overlays_and_grid(lite0_head, mitocheck_dir, tm
     from embedkit.explain import explain
 
     paths = cells(mitocheck_dir, 3)
-    items = [ExplainItem(p.parent.name + "/" + p.name, p.parent.name, p.parent.name, str(p)) for p in paths]
+    items = [Item(p.parent.name + "/" + p.name, str(p), label=p.parent.name, group=p.parent.name) for p in paths]
     res = explain(lite0_head, items, tmp_path / "out", methods="gradcam,eigencam", target="b", batch_size=2,
                   progress=False)
     assert res.layer == "bn2" and len(res.items) == 3

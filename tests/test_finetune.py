@@ -22,6 +22,8 @@ from embedkit.splits import Splits, make_splits
 
 # A tiny timm network from random weights at the crops' own 64 px: cheap enough for CPU tests.
 TINY = ["--model", "test_resnet", "--random-init", "--image-size", "64", "--lr", "3e-3", "--quiet"]
+# One intra-op thread: on a shared, oversubscribed machine two spinning threads make each step 10-30x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _history(out: Path) -> dict:
@@ -44,7 +46,7 @@ def probe_splits(probe_results) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(lite0_store_ro, probe_splits, probe_results) -> Path:
     out = probe_results / "finetune"
-    run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY)
+    run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY, env=ONE_THREAD)
     return out
 
 
@@ -53,7 +55,8 @@ def test_tiny_model_learns_on_real_cells(tiny_run):
     losses = [h["train_loss"] for h in hist["history"]]
     assert hist["finished"] and len(losses) == 5
     assert losses[-1] < losses[0] - 0.1, losses
-    assert not (tiny_run / "train_state.pt").exists()  # the bulky resume state goes once training is done
+    assert not (tiny_run / "train_state.safetensors").exists()  # the bulky resume state goes once training is done
+    assert not (tiny_run / "train_state.pt").exists()  # and nothing is pickled
     for f in ("model.safetensors", "model.json", "metrics.json", "predictions.csv", "confusion.png", "roc.png",
               "summary.md", "training_curve.png", "splits.json"):
         assert (tiny_run / f).stat().st_size > 0, f
@@ -113,35 +116,47 @@ def test_compare_finetune_against_the_probe_end_to_end(tiny_run, probe_results, 
     assert (probe_results / "comparison" / "comparison.html").stat().st_size > 10_000
 
 
-def _finetune_proc(source, out, epochs: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "embedkit.cli", "finetune", str(source), "--group-by", "mitocheck",
-                             "--epochs", str(epochs), "--out", str(out), *TINY], env=env, cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# Resume test: one 32-image batch per epoch at 32 px, and small val/test parts, so that a loaded machine
+# runs it in minutes; the run is long enough (6 epochs) that the kill always lands mid-training.
+RESUME = ["--group-by", "mitocheck", "--test-size", "0.1", "--val-size", "0.1", "--samples-per-epoch", "32",
+          "--model", "test_resnet", "--random-init", "--image-size", "32", "--lr", "3e-3"]
+
+
+def _history_epochs(out: Path) -> int:
+    """Completed epochs recorded in out/history.json (0 while it does not exist yet)."""
+    try:
+        return len(_history(out)["history"])
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(mitocheck_dir, tmp_path):
     from embedkit.sources import discover
 
-    epochs = 4
+    epochs = 6
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    proc = _finetune_proc(mitocheck_dir, killed, epochs)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / "history.json").exists() and len(_history(killed)["history"]) >= 2:
-            break
-        time.sleep(0.02)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "finetune", str(mitocheck_dir), "--epochs", str(epochs),
+                             "--out", str(killed), "--quiet", *RESUME],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
+                            cwd=str(ROOT), stdout=log, stderr=log)
+    # Poll the run's own progress file (no fixed sleeps): kill as soon as two epochs are recorded.
+    deadline = time.monotonic() + 3600  # a safety net only; the loop ends on progress or on the process exiting
+    while proc.poll() is None and _history_epochs(killed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    log.close()
+    output = (tmp_path / "killed.log").read_text()[-2000:]
+    assert (killed / "history.json").exists(), output
     done = _history(killed)
-    assert not done["finished"] and 2 <= len(done["history"]) < epochs, "the run was not stopped mid-training"
-    assert (killed / "train_state.pt").exists()
+    assert not done["finished"] and 2 <= len(done["history"]) < epochs, f"the run was not stopped mid-training: {output}"
+    assert (killed / "train_state.safetensors").exists() and not (killed / "train_state.pt").exists()
 
-    resumed = run_cli("finetune", mitocheck_dir, "--group-by", "mitocheck", "--epochs", epochs, "--out", killed,
-                      *[a for a in TINY if a != "--quiet"])
+    resumed = run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", killed, *RESUME, env=ONE_THREAD)
     m = re.search(rf"resuming {re.escape(str(killed))} after epoch (\d+)/{epochs}", resumed.stderr)
     assert m and 2 <= int(m.group(1)) < epochs, resumed.stderr[-2000:]
-    run_cli("finetune", mitocheck_dir, "--group-by", "mitocheck", "--epochs", epochs, "--out", whole, *TINY)
+    run_cli("finetune", mitocheck_dir, "--epochs", epochs, "--out", whole, "--quiet", *RESUME, env=ONE_THREAD)
 
     a, b = _history(whole), _history(killed)
     assert b["finished"] and len(b["history"]) == epochs
@@ -157,13 +172,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mitocheck_dir, tmp_path)
     # Splits it made itself are the ones the probe makes with the same options.
     src = discover(mitocheck_dir, group_by="mitocheck")
     ids, labels, groups = zip(*[(it.id, it.label, it.group) for it in src.items])
-    assert Splits.load(whole / "splits.json").fingerprint() == make_splits(ids, labels, groups, seed=0).fingerprint()
+    made = make_splits(ids, labels, groups, test_size=0.1, val_size=0.1, seed=0)
+    assert Splits.load(whole / "splits.json").fingerprint() == made.fingerprint()
 
     # Another setting on the same folder is refused with one line; the finished results stay.
     before = (killed / "metrics.json").read_bytes()
-    bad = run_cli("finetune", mitocheck_dir, "--group-by", "mitocheck", "--epochs", epochs + 1, "--out", killed, *TINY,
-                  check=False)
-    assert bad.returncode == 2 and "other settings" in bad.stderr and "epochs 4 -> 5" in bad.stderr
+    bad = run_cli("finetune", mitocheck_dir, "--epochs", epochs + 1, "--out", killed, "--quiet", *RESUME, check=False,
+                  env=ONE_THREAD)
+    assert bad.returncode == 2 and "other settings" in bad.stderr and "train.epochs: 6 before vs 7 now" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert (killed / "metrics.json").read_bytes() == before
 

@@ -1,5 +1,7 @@
 """Reading and converting microscopy images: formats, bit depths, channels and bad files."""
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -91,9 +93,72 @@ def test_channel_and_percentile_specs():
     assert parse_channels("0") == (0, 0, 0)
     assert parse_channels("2,1,-") == (2, 1, None)
     assert parse_channels(None) is None
-    for bad in ("a,b,c", "1,2", "-,-,-"):
+    assert parse_channels("DAPI,Actin,-") == ("DAPI", "Actin", None)  # names, resolved per file (docs/formats.md)
+    for bad in ("1,%,0", "1,2", "-,-,-"):
         with pytest.raises(EmbedkitError):
             parse_channels(bad)
     assert parse_percentiles("0.5,99.5") == (0.5, 99.5)
     with pytest.raises(EmbedkitError):
         parse_percentiles("99,1")
+
+
+def huge_tiff(path, side: int = 20_000, tile: int = 2048):
+    """A side x side uint8 TIFF of zeros, tile-compressed to a few hundred KB and written without the whole array."""
+    zeros = np.zeros((tile, tile), np.uint8)
+    n = (-(-side // tile)) ** 2
+    tifffile.imwrite(path, data=(zeros for _ in range(n)), shape=(side, side), dtype=np.uint8, tile=(tile, tile),
+                     compression="zlib", compressionargs={"level": 1})
+    return path
+
+
+def _png_header_only(path, width: int, height: int):
+    """A PNG whose header claims width x height (8-bit gray) with no pixel data: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+    return path
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc")
+def test_huge_images_are_refused_from_their_header_without_decoding(tmp_path):
+    """A 400-megapixel TIFF of ~0.5 MB is refused in a fresh process whose peak memory stays far below its decoded size."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tif = huge_tiff(tmp_path / "huge.tif")
+    assert tif.stat().st_size < 2_000_000
+    png = _png_header_only(tmp_path / "huge.png", 30_000, 20_000)
+    # VmHWM is this process's own peak (ru_maxrss would carry over the parent's through fork and exec).
+    code = ("import re, sys\nfrom embedkit.images import read_image\nfrom embedkit.errors import BadImageError\n"
+            "for p in sys.argv[1:]:\n    try:\n        read_image(p)\n    except BadImageError as e:\n        print(e)\n"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tif), str(png)], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 3, proc.stderr
+    assert "huge.tif: is 20000 x 20000 (400 megapixels), over the 100-megapixel limit" in lines[0]
+    assert "huge.png: is 20000 x 30000 (600 megapixels)" in lines[1] and "EMBEDKIT_MAX_PIXELS" in lines[1]
+    assert int(lines[2]) < 200, f"peak memory {lines[2]} MB: the 400 MB image was decoded"
+
+
+def test_pixel_limit_is_configurable(tmp_path, cell, monkeypatch):
+    p = _save_png(tmp_path / "c.png", cell)
+    monkeypatch.setenv("EMBEDKIT_MAX_PIXELS", str(cell.size - 1))
+    with pytest.raises(BadImageError, match=rf"is {cell.shape[0]} x {cell.shape[1]} .* over the"):
+        read_image(p)
+    tifffile.imwrite(tmp_path / "c5.tif", np.zeros((5,) + cell.shape, np.uint8))
+    with pytest.raises(BadImageError, match=rf"is 5 x {cell.shape[0]} x {cell.shape[1]}"):
+        read_image(tmp_path / "c5.tif")  # channels do not count, the plane does
+    monkeypatch.setenv("EMBEDKIT_MAX_PIXELS", str(cell.size))
+    assert read_image(tmp_path / "c5.tif").shape == cell.shape + (5,)
+    monkeypatch.setenv("EMBEDKIT_MAX_PIXELS", "0")
+    assert read_image(p).shape == cell.shape + (1,)
+    assert read_image(p, limit=cell.size).shape == cell.shape + (1,)
+    monkeypatch.setenv("EMBEDKIT_MAX_PIXELS", "lots")
+    with pytest.raises(EmbedkitError, match="EMBEDKIT_MAX_PIXELS='lots': not a number"):
+        read_image(p)

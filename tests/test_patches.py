@@ -262,7 +262,7 @@ def test_a_failed_fit_resumes_with_saved_thresholds(tmp_path, capsys):
             "--paired-channel", "1", "--quiet")
     code, _, err = cli_here(capsys, *args)  # one population: a GMM cannot give two separated classes
     assert code == 2 and "do not show two populations" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "u.h5").exists() and list((tmp_path / "u.h5.partial" / "patches").glob("chunk_*.npz"))
+    assert not (tmp_path / "u.h5").exists() and list((tmp_path / "u.h5.shards").glob("patches-*/w0-f*.h5"))
     GmmThresholds(low=500.0, high=1500.0).save(tmp_path / "t.json")
     code, out, err = cli_here(capsys, *args, "--gmm-thresholds", tmp_path / "t.json")
     assert code == 0, err

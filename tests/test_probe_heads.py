@@ -13,6 +13,7 @@ from embedkit.metrics import group_bootstrap
 from embedkit.probe import HeadOptions, ProbeSettings, load_probe, run_probe
 from embedkit.probe.features import Preprocessor, balance, threads_for
 from embedkit.probe.heads import LinearProblem
+from embedkit.splits import SplitSpec
 from embedkit.probe.saved import linear_scores, softmax
 from embedkit.splits import Splits
 from embedkit.store import Store, transaction, write_lock
@@ -132,7 +133,7 @@ def test_confidence_interval_widens_with_fewer_groups(lite0_store_ro, tmp_path):
 
 
 def test_multiple_runs_give_mean_and_sd(lite0_store_ro, tmp_path):
-    rep = run_probe(lite0_store_ro, tmp_path, settings=settings(heads=("logreg",), folds=3), progress=False)
+    rep = run_probe(lite0_store_ro, tmp_path, settings=settings(heads=("logreg",), split=SplitSpec(folds=3)), progress=False)
     rec = rep.results[0].record
     assert rep.run_names == ["fold0", "fold1", "fold2"] and len(rec["runs"]) == 3
     assert rec["across_runs"]["balanced_accuracy"]["sd"] > 0
@@ -187,7 +188,7 @@ def test_leaky_splits_file_is_refused_naming_the_group(lite0_store_ro, tmp_path)
                   settings=settings(heads=("knn",)), progress=False)
     with pytest.raises(EmbedkitError, match="--splits fixes the runs"):
         run_probe(lite0_store_ro, tmp_path / "b", splits_path=str(tmp_path / "a" / "splits.json"),
-                  settings=settings(heads=("knn",), seeds=2), progress=False)
+                  settings=settings(heads=("knn",), split=SplitSpec(seeds=2)), progress=False)
 
 
 def test_group_by_regex_regroups_the_splits(lite0_store_ro, tmp_path):

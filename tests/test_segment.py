@@ -151,6 +151,15 @@ def test_segment_then_embed_from_the_store(tmp_path):
     assert len({v.tobytes() for v in vec.round(4)}) == n  # different cells, different vectors
 
 
+def _fields_in_shards(store: Path) -> int:
+    """Fields an interrupted run finished: the fields recorded in its shards (its progress)."""
+    n = 0
+    for shard in Path(f"{store}.shards").glob("segment-*/w0-f*.h5"):
+        with h5py.File(shard, "r") as f:
+            n += f["field"].shape[0]
+    return n
+
+
 def test_killed_run_resumes_to_the_identical_store(tmp_path):
     names = {f"F/t{r}{c}.tif": (r, c) for r in range(4) for c in range(4)}
     src = tiles(tmp_path / "many", 128, names)
@@ -158,21 +167,22 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path):
     run_cli("segment", src, "--out", clean, *WS)
     store = tmp_path / "resumed.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "segment", str(src), "--out", str(store), *WS],
+    proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "segment", str(src), "--out", str(store), *WS,
+                             "--checkpoint-fields", "1"],
                             cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = Path(f"{store}.partial") / "segment"
+    shards = Path(f"{store}.shards")
     deadline = time.time() + 120
-    while time.time() < deadline and not list(journal.glob("chunk_*.npz")):
+    while time.time() < deadline and not list(shards.glob("segment-*/w0-f*.h5")):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(journal.glob("chunk_*.npz")))
+    done = _fields_in_shards(store)
     assert not store.exists() and 1 <= done < len(names), "the run should have been killed mid-way"
     bad = run_cli("segment", src, "--out", store, *WS, "--crop", "64", check=False)
     assert bad.returncode == 2 and "interrupted run" in bad.stderr and "crop.size: 96" in bad.stderr
     proc = run_cli("segment", src, "--out", store, *WS)
     assert f"({done} already done" in proc.stdout
-    assert not journal.exists()
+    assert not list(shards.glob("*/run.json"))  # the run is committed: no pending run is left
     a, b = rows_of(clean), rows_of(store)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -221,6 +231,7 @@ def test_wrong_channels_missing_files_and_other_settings_fail_with_one_line(ws_s
     store, _ = ws_store
     copy = tmp_path / "copy.h5"
     shutil.copy(store, copy)
+    shutil.copytree(f"{store}.shards", tmp_path / f"{store.name}.shards")  # the shards folder keeps its name
     before = file_digest(copy)
     msg = one_line_error("segment", fields, "--out", copy, *WS, "--crop", "64", "--mask")
     assert "different settings" in msg and "crop.size: 96 in store vs 64 now" in msg and "crop.mask" in msg

@@ -3,7 +3,7 @@
 import pytest
 
 from embedkit.errors import EmbedkitError
-from embedkit.sources import discover
+from embedkit.sources import discover, read_csv_rows
 
 
 def test_class_folders_with_mitocheck_groups(mitocheck_dir):
@@ -58,3 +58,48 @@ def test_group_regex_must_match_every_item(mitocheck_dir):
         discover(mitocheck_dir, group_by=r"PLATE(\d+)")
     with pytest.raises(EmbedkitError, match="no such file"):
         discover(mitocheck_dir / "nope")
+
+
+def test_manifest_text_encodings_and_extra_fields(tmp_path, mitocheck_dir):
+    """A BOM is accepted; cp1252/latin-1 text is refused naming the encoding; an unquoted comma names its line."""
+    files = sorted((mitocheck_dir / "Anaphase").glob("*.png"))[:3]
+    rows = ["path,label"] + [f"{f},Anaphase" for f in files]
+    (tmp_path / "bom.csv").write_bytes(("\ufeff" + "\n".join(rows) + "\n").encode("utf-8"))
+    assert [it.path for it in discover(tmp_path / "bom.csv").items] == [str(f) for f in files]
+
+    cafe = rows[:2] + [f"{files[1]},Caf\u00e9 \u2013 late"] + rows[3:]
+    (tmp_path / "cp1252.csv").write_bytes("\n".join(cafe).encode("cp1252"))
+    with pytest.raises(EmbedkitError, match=r"cp1252.csv: not UTF-8 \(byte 0xe9 on line 3\); it looks like cp1252") as exc:
+        discover(tmp_path / "cp1252.csv")
+    assert "\n" not in str(exc.value)
+    (tmp_path / "latin1.csv").write_bytes("\n".join(rows[:2] + [f"{files[1]},\u00e9\u0081"]).encode("latin-1"))
+    with pytest.raises(EmbedkitError, match="it looks like latin-1"):
+        discover(tmp_path / "latin1.csv")
+    (tmp_path / "utf16.csv").write_text("\n".join(rows), encoding="utf-16")
+    with pytest.raises(EmbedkitError, match="UTF-16"):
+        discover(tmp_path / "utf16.csv")
+
+    comma = rows[:3] + [f"{files[2]},Anaphase, late"]
+    (tmp_path / "comma.csv").write_text("\n".join(comma) + "\n")
+    with pytest.raises(EmbedkitError, match=r"comma.csv:4: 3 fields but the header has 2 columns; quote"):
+        discover(tmp_path / "comma.csv")
+    quoted = rows[:3] + [f'{files[2]},"Anaphase, late"', ""]
+    (tmp_path / "quoted.csv").write_text("\n".join(quoted) + "\n")
+    assert discover(tmp_path / "quoted.csv").items[-1].label == "Anaphase, late"
+
+
+def test_read_csv_rows_for_other_tables(tmp_path):
+    (tmp_path / "pops.csv").write_text("id,population\n\na,p1\nb\n")
+    cols, rows = read_csv_rows(tmp_path / "pops.csv", ("id", "population"), what="populations file")
+    assert cols == ["id", "population"] and rows == [(3, {"id": "a", "population": "p1"}), (4, {"id": "b", "population": ""})]
+    with pytest.raises(EmbedkitError, match="a populations file needs 'id' and 'group' columns"):
+        read_csv_rows(tmp_path / "pops.csv", ("id", "group"), what="populations file")
+
+
+def test_a_single_file_must_be_an_image_a_manifest_or_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "text.h5").write_text("not HDF5")
+    with pytest.raises(EmbedkitError, match=r"notes.txt: neither an image \(.png"):
+        discover(tmp_path / "notes.txt")
+    with pytest.raises(EmbedkitError, match="text.h5: not a readable embedkit store"):
+        discover([tmp_path / "text.h5"])

@@ -1,11 +1,15 @@
 """The store: atomic transactions, schema checks, appends, key configuration checks and the journal."""
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from embedkit import store as st
 from embedkit.errors import EmbedkitError
 from embedkit.sources import Item
@@ -78,18 +82,55 @@ def test_foreign_and_missing_files_are_refused(tmp_path):
         st.Store(tmp_path / "none.h5")
 
 
-def test_journal_pins_configuration_and_lock_excludes_writers(tmp_path):
-    j = st.Journal(tmp_path / "s.h5", "e")
-    j.start({"config": CFG, "config_fingerprint": "aaa"})
-    j.write_chunk(ids=np.array(["i0", "i1"]), vectors=np.ones((2, 4), np.float32))
-    j.start({"config": CFG, "config_fingerprint": "aaa"})  # same config resumes
-    assert [list(c["ids"]) for c in j.iter_chunks()] == [["i0", "i1"]]
+def test_run_pins_configuration_and_lock_excludes_writers(tmp_path):
+    run = st.Run(tmp_path / "s.h5", "embed", "e")
+    assert run.start(CFG, "aaa") is False
+    run.write(st.Run.shard_name("w0", "r", 0, 2), {"rows": np.arange(2), "vectors": np.ones((2, 4), np.float32)})
+    again = st.Run(tmp_path / "s.h5", "embed", "e")
+    assert again.start(CFG, "aaa") is True and again.dir == run.dir  # same config resumes
+    assert [p.name for p in again.shards()] == ["w0-r000000000-000000002.h5"]
+    assert np.array_equal(st.Run.read(again.shards()[0], "vectors")["vectors"], np.ones((2, 4), np.float32))
     with pytest.raises(EmbedkitError, match="interrupted run .* another configuration"):
-        j.start({"config": {**CFG, "pooling": "mean"}, "config_fingerprint": "bbb"})
-    assert json.loads((j.dir / "state.json").read_text())["config_fingerprint"] == "aaa"
+        st.Run(tmp_path / "s.h5", "embed", "e").start({**CFG, "pooling": "mean"}, "bbb")
+    assert json.loads((run.dir / "run.json").read_text())["config_fingerprint"] == "aaa"
     with st.write_lock(tmp_path / "s.h5"):
-        with pytest.raises(EmbedkitError, match="being written by another"):
-            with st.write_lock(tmp_path / "s.h5"):
-                pass
-    j.discard()
-    assert not j.dir.exists()
+        with st.write_lock(tmp_path / "s.h5"):  # re-entrant in one process (command, then library)
+            pass
+        proc = subprocess.run([sys.executable, "-c", "import sys; from embedkit.store import write_lock\n"
+                               "with write_lock(sys.argv[1]): pass", str(tmp_path / "s.h5")],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode != 0 and "being written by another" in proc.stderr
+
+
+def test_sharded_key_reads_like_one_array_with_gaps_and_second_runs(tmp_path):
+    from embedkit.store.writing import append_items, commit_embedding
+
+    path = tmp_path / "s.h5"
+    append_items(path, _items(10), str(tmp_path))
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+
+    def run_once(rows, bad):
+        run = st.Run(path, "embed", "e")
+        run.start(CFG, "aaa")
+        for a in range(0, len(rows), 3):  # shards of three rows, as checkpoints would cut them
+            r = np.array(rows[a:a + 3])
+            run.write(st.Run.shard_name("w0", "r", int(r.min()), int(r.max()) + 1),
+                      {"rows": r, "ids": np.array([f"i{k}" for k in r], dtype=object), "vectors": x[r],
+                       "bad": np.array(["unreadable" if k in bad else "" for k in r], dtype=object),
+                       "paths": np.array([f"c/i{k}.png" for k in r], dtype=object)})
+        return commit_embedding(path, run, "e", 4, "float32", CFG, [])
+
+    assert run_once([0, 1, 2, 3, 4, 5, 6, 7], bad={2, 5}) == 6
+    s = st.Store(path)
+    assert list(s.done("e")) == [True, True, False, True, True, False, True, True, False, False]
+    v = s.vectors("e")
+    assert np.isnan(v[[2, 5, 8, 9]]).all() and np.array_equal(v[s.done("e")], x[s.done("e")])
+    with h5py.File(path, "r") as f:  # plain h5py sees the same array through the virtual dataset
+        np.testing.assert_array_equal(f["embeddings/e/vectors"][()], v)
+    assert run_once([2, 5, 8, 9], bad=set()) == 4  # a second run fills the gaps from its own shards
+    s = st.Store(path)
+    assert s.done("e").all() and np.array_equal(s.vectors("e"), x)
+    rows = np.array([9, 0, 5, 5, 2])
+    np.testing.assert_array_equal(s.vectors("e", rows), x[rows])
+    np.testing.assert_array_equal(np.concatenate([b for _, b in s.iter_vectors("e", batch=4)]), x)
+    assert len(list(st.folder_of(path).glob("*/*.h5"))) == 5 and not list(st.folder_of(path).glob("*/run.json"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
@@ -49,27 +47,21 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
     items.csv, explain.json, and with --faithfulness faithfulness.csv/.png.
     """
     from ..errors import EmbedkitError
-    from ..explain import StoreItems, explain as run_explain, load_model, parse_methods, resolve_items, select_items
+    from ..explain import choose_items, explain as run_explain, load_model, parse_methods
+    from ..items import ItemSet
+    from ..store import Store
 
     methods = parse_methods(method)
-    if not list_layers and not out_dir:
-        raise EmbedkitError("--out DIR is required: the folder for overlays, maps and the grid figure")
-    if select is None and (n is not None or predictions is not None):
-        raise EmbedkitError("--n and --predictions go with --select misclassified|per-class")
-    if select is not None and items:
-        raise EmbedkitError("give ITEMS or --select, not both")
-    if not list_layers and not items and select is None:
-        raise EmbedkitError("nothing to explain: give image files, store item ids (with --store), or --select")
     if list_layers:
         _print_layers(load_model(model))
         return
-    store = StoreItems(store_path) if store_path else None
+    if not out_dir:
+        raise EmbedkitError("--out DIR is required: the folder for overlays, maps and the grid figure")
+    store = Store(store_path) if store_path else None
+    in_store = ItemSet.from_store(store) if store is not None else None
+    chosen, how = choose_items(model, items, in_store, select=select, n=n, predictions=predictions)
     if select is not None:
-        csv_path = predictions or _find_predictions(Path(model))
-        chosen = select_items(csv_path, select, n or (16 if select == "misclassified" else 4), store)
-        click.echo(f"selected {len(chosen)} items ({select}) from {csv_path}", err=True)
-    else:
-        chosen = resolve_items(items, store)
+        click.echo(how, err=True)
     mdl = load_model(model)
     res = run_explain(mdl, chosen, out_dir, methods=methods, target=target, layer=layer, store=store,
                       faithfulness=faithfulness, steps=steps, device=device, batch_size=batch_size, progress=not quiet)
@@ -90,16 +82,6 @@ def explain(model, items, method, target, layer, list_layers, store_path, select
         for r in res.faithfulness:
             cells = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]" if k in r else "" for k in keys]
             click.echo(f"  {r['method']:10s} " + " ".join(f"{c:>24s}" for c in cells))
-
-
-def _find_predictions(model: Path) -> Path:
-    from ..errors import EmbedkitError
-
-    base = model if model.is_dir() else model.parent
-    for folder in (base, base.parent, base.parent.parent):
-        if (folder / "predictions.csv").exists():
-            return folder / "predictions.csv"
-    raise EmbedkitError(f"no predictions.csv in or above {model}; pass --predictions PATH")
 
 
 def _print_layers(mdl) -> None:

@@ -1,8 +1,10 @@
-"""``embedkit finetune`` and ``embedkit compare``."""
+"""``embedkit finetune``: fine-tune a whole network on the probes' splits."""
 
 from __future__ import annotations
 
 import click
+
+from .common import balance_option
 
 
 @click.command()
@@ -28,8 +30,7 @@ import click
 @click.option("--warmup-epochs", default=1.0, show_default=True, type=float, help="Linear warm-up, then cosine decay.")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(1),
               help="Stop after this many epochs without a better validation balanced accuracy.")
-@click.option("--balance", type=click.Choice(["weighted", "oversample", "undersample", "none"]), default="weighted",
-              show_default=True, help="Class imbalance: inverse-frequency weighted sampler, over- or under-sampling, or none.")
+@balance_option("Class imbalance: inverse-frequency weighted sampler, over- or under-sampling, or none.")
 @click.option("--samples-per-epoch", type=click.IntRange(1), help="Draws per epoch [default: the training set size].")
 @click.option("--no-augment", is_flag=True, help="Turn off rotations/flips and intensity jitter.")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
@@ -38,12 +39,15 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--no-amp", is_flag=True, help="Full precision on GPU (mixed precision is the default there).")
 @click.option("--workers", type=click.IntRange(0), help="Image decoding workers [default: 0 on CPU, up to 8 on GPU].")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
+              help="Train with DistributedDataParallel in N processes (torchrun): one per GPU (NCCL), or gloo on CPU. "
+                   "--batch-size is per process.")
 @click.option("--name", help="Row name in 'embedkit compare' [default: '<model> fine-tuned'].")
 @click.option("--restart", is_flag=True, help="Discard an interrupted or finished run in --out and train from scratch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def finetune(source, model, out, splits_file, group_by, folds, test_size, val_size, seed, fold, weights, random_init,
              image_size, epochs, batch_size, lr, weight_decay, warmup_epochs, patience, balance, samples_per_epoch,
-             no_augment, label_smoothing, channels, percentiles, device, no_amp, workers, name, restart, quiet):
+             no_augment, label_smoothing, channels, percentiles, device, no_amp, workers, nproc, name, restart, quiet):
     """Fine-tune a whole timm network on labelled images, on the same group splits as the probes.
 
     \b
@@ -55,53 +59,34 @@ def finetune(source, model, out, splits_file, group_by, folds, test_size, val_si
     The best epoch (by validation balanced accuracy) is kept as model.safetensors + model.json.
     A killed run resumes from its last completed epoch when the same command is run again.
     """
-    from ..finetune import SplitOptions, TrainConfig
+    from ..finetune import TrainConfig
     from ..finetune import finetune as run_finetune
     from ..images import Conversion, parse_channels, parse_percentiles
+    from ..splits import SplitSpec
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       patience=patience, balance=balance, samples_per_epoch=samples_per_epoch, augment=not no_augment,
                       label_smoothing=label_smoothing, seed=seed, amp=not no_amp)
-    opts = SplitOptions(splits_file, test_size, val_size, folds, seed, group_by)
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    opts = SplitSpec(splits_file, test_size, val_size, folds, 1, seed, group_by)
     res = run_finetune(source, out, model, split_opts=opts, train=cfg, weights=weights, pretrained=not random_init,
                        image_size=image_size, conv=conv, folds=list(fold) or None, device=device, workers=workers,
-                       name=name, restart=restart, progress=not quiet, log=log)
+                       name=name, restart=restart, progress=not quiet, log=_quiet if quiet else _echo, nproc=nproc)
+    if not res.record:  # a process other than rank 0 of --nproc: rank 0 reports
+        return
     m, ci = res.record["metrics"], res.record["ci"]
     click.echo(f"{res.record['name']}: balanced accuracy {m['balanced_accuracy']:.3f} "
                f"[{ci['balanced_accuracy'][0]:.3f}, {ci['balanced_accuracy'][1]:.3f}] on {m['n']} test items; "
                f"trained {res.record['fit_seconds']:.0f}s; results in {res.out}")
 
 
-@click.command()
-@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False),
-              help="Where to write comparison.md/.csv/.html/.json [default: RESULTS/comparison for one folder, else ./comparison].")
-@click.option("--pair", nargs=2, multiple=True, metavar="A B",
-              help="Paired test of B against A (row names or folders; repeatable) [default: every row against the best].")
-@click.option("--allow-different-splits", is_flag=True,
-              help="Compare results made on different splits anyway (a warning is printed in the table).")
-@click.option("--n-boot", default=2000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for paired CIs.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the paired bootstrap.")
-def compare(results, out, pair, allow_different_splits, n_boot, seed):
-    """One table across encoders x heads x fine-tuned models, with paired tests.
-
-    \b
-    RESULTS are result folders (with metrics.json) or folders holding them, e.g.:
-      embedkit compare results/
-      embedkit compare results/logreg results/finetune --pair results/logreg results/finetune
-
-    Rows show balanced accuracy with its 95% group-bootstrap CI, macro-F1, AUROC, training time and
-    inference throughput. The paired test resamples whole test groups for the difference in balanced
-    accuracy (B - A) and adds McNemar's test on the same test items.
-    """
-    from ..report import compare_results
-
-    rep = compare_results(list(results), out=out, pairs=[tuple(p) for p in pair], allow_different_splits=allow_different_splits,
-                          n_boot=n_boot, seed=seed)
-    click.echo(rep.markdown)
-    click.echo(f"wrote {rep.out}/comparison.md, .csv, .json and .html", err=True)
+def _echo(line: str) -> None:
+    """Progress lines on stderr (a module-level function, so --nproc can hand it to its processes)."""
+    click.echo(line, err=True)
 
 
-COMMANDS = [finetune, compare]
+def _quiet(_: str) -> None:
+    """No progress lines (--quiet)."""
+
+
+COMMANDS = [finetune]

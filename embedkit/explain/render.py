@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .. import figures
+from ..figures import pyplot as _plt
 
 CMAP = "turbo"
 ALPHA = 0.45
@@ -32,23 +34,9 @@ class Panel:
         return bool(self.true) and self.true != self.pred
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Save a matplotlib figure atomically (temp file + rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
+    """Save a figure atomically, cropped to its content, and close it."""
+    figures.save_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
 def _show(ax, rgb: np.ndarray, cam: np.ndarray | None = None) -> None:

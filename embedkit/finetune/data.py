@@ -7,84 +7,32 @@ go, in worker processes, or after a resume, which is what makes a resumed run en
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..embed import ImageDataset, to_tensor
+from ..embed import to_tensor
 from ..encoders import Preprocess
-from ..errors import BadImageError, EmbedkitError
+from ..balance import normalise_balance
+from ..errors import BadImageError
 from ..images import Conversion
-
-BALANCE_MODES = ("weighted", "oversample", "undersample", "none")
-
-
-@dataclass
-class Items:
-    """Labelled-or-not items with where their pixels live: files (``paths``) or a store's /pixels rows."""
-
-    ids: np.ndarray
-    labels: np.ndarray
-    groups: np.ndarray
-    paths: np.ndarray  # absolute file paths (or 'store[row]' descriptions when pixels come from a store)
-    store_path: str | None = None  # set when pixels are read from the store's /pixels
-    kind: str = "source"
-
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
-        """Row index of each id, in the order given."""
-        index = {i: r for r, i in enumerate(self.ids)}
-        return np.array([index[i] for i in ids], dtype=np.int64)
+from ..items import ItemSet
 
 
-def is_store(path: str | os.PathLike) -> bool:
-    """True when ``path`` is an HDF5 file (an embedkit store), not an image folder or manifest."""
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
-
-def load_items(source: str | os.PathLike, group_by: str | None = None) -> Items:
+def load_items(source, group_by: str | None = None) -> ItemSet:
     """Items of a store (its pixels when present, else its files) or of a folder / manifest via ``discover``.
 
-    For a store, groups are the store's own unless ``group_by`` names a metadata column, a preset or a regex.
+    For a store, groups are the store's own unless ``group_by`` names an item column, a preset or a regex.
     """
-    from ..sources import discover, group_from_path, group_rule
-
-    if is_store(source):
-        from ..store import Store
-
-        s = Store(source)
-        if not len(s):
-            raise EmbedkitError(f"{source}: the store holds no items")
-        frame = s.items_frame()
-        ids = frame["id"].to_numpy(dtype=object)
-        groups = frame["group"].to_numpy(dtype=object)
-        if group_by is not None:
-            if group_by in frame.columns and group_by not in ("id", "path", "label"):
-                groups = frame[group_by].astype(str).to_numpy(dtype=object)
-            else:
-                rx = group_rule(group_by)
-                groups = np.array([group_from_path(rx, p) for p in frame["path"]], dtype=object)
-        if s.has_pixels:
-            paths = np.array([f"{source}[{r}]" for r in range(len(ids))], dtype=object)
-            return Items(ids, frame["label"].to_numpy(dtype=object), groups, paths, str(source), "store pixels")
-        paths = np.array([s.abspath(p) for p in frame["path"]], dtype=object)
-        return Items(ids, frame["label"].to_numpy(dtype=object), groups, paths, None, "store files")
-    src = discover(source, group_by=group_by)
-    return Items(np.array([it.id for it in src.items], dtype=object), np.array([it.label for it in src.items], dtype=object),
-                 np.array([it.group for it in src.items], dtype=object),
-                 np.array([src.abspath(it) for it in src.items], dtype=object), None, src.kind.replace("_", " "))
+    return ItemSet.open(source, group_by)
 
 
-def check_files(items: Items, rows: np.ndarray) -> None:
+def check_files(items: ItemSet, positions: np.ndarray) -> None:
     """Refuse to start training when image files are missing (one clear line naming the first)."""
-    if items.store_path is not None:
-        return
-    missing = [items.paths[r] for r in rows if not os.path.exists(items.paths[r])]
+    missing = items.missing_files(positions)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise BadImageError(missing[0], f"file not found{more}; fix the source or make splits without these items")
@@ -122,7 +70,7 @@ class Augment:
         return {"rotate_flip": self.rotate_flip, "contrast": self.contrast, "brightness": self.brightness}
 
 
-class CellDataset(ImageDataset):
+class CellDataset(torch.utils.data.Dataset):
     """Decoded, optionally augmented, model-ready images with their class index.
 
     Keys are item indices, or ``(index, draw)`` pairs from :class:`BalancedSampler`; the augmentation of a
@@ -130,14 +78,17 @@ class CellDataset(ImageDataset):
     Unreadable images come back as ``None`` with the reason, so the main process raises one clear error.
     """
 
-    def __init__(self, items: Items, rows: np.ndarray, targets: np.ndarray, pre: Preprocess, conv: Conversion,
+    def __init__(self, items: ItemSet, positions: np.ndarray, targets: np.ndarray, pre: Preprocess, conv: Conversion,
                  augment: Augment | None = None, seed: int = 0):
-        entries = [(str(items.ids[r]), str(items.paths[r])) for r in rows]
-        super().__init__(entries, pre, conv, items.store_path, [int(r) for r in rows] if items.store_path else None)
+        self.items = items.subset(positions)
+        self.pre, self.conv = pre, conv
         self.targets = np.asarray(targets, dtype=np.int64)
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -145,7 +96,7 @@ class CellDataset(ImageDataset):
     def __getitem__(self, key: int | tuple[int, int]):
         i, draw = key if isinstance(key, tuple) else (key, key)
         try:
-            rgb = self._rgb(i)
+            rgb = self.items.rgb(i, self.conv)
         except BadImageError as exc:
             return i, None, int(self.targets[i]), f"{exc.path}: {exc.reason}"
         if self.augment is not None:
@@ -179,16 +130,15 @@ class BalancedSampler(torch.utils.data.Sampler):
     a resume without carrying generator state around.
     """
 
-    def __init__(self, targets: Sequence[int], mode: str = "weighted", seed: int = 0, num_samples: int | None = None):
-        if mode not in BALANCE_MODES:
-            raise EmbedkitError(f"--balance {mode!r}: choose one of {', '.join(BALANCE_MODES)}")
+    def __init__(self, targets: Sequence[int], mode: str = "weights", seed: int = 0, num_samples: int | None = None):
+        mode = normalise_balance(mode)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.mode = mode
         self.seed = int(seed)
         self.epoch = 0
         classes, counts = np.unique(self.targets, return_counts=True)
         self.by_class = [np.flatnonzero(self.targets == c) for c in classes]
-        natural = {"weighted": len(self.targets), "none": len(self.targets),
+        natural = {"weights": len(self.targets), "none": len(self.targets),
                    "oversample": int(counts.max()) * len(classes), "undersample": int(counts.min()) * len(classes)}[mode]
         self.num_samples = int(num_samples or natural)
 
@@ -200,7 +150,7 @@ class BalancedSampler(torch.utils.data.Sampler):
         n = self.num_samples
         if self.mode == "none":
             idx = np.concatenate([rng.permutation(len(self.targets)) for _ in range(-(-n // len(self.targets)))])[:n]
-        elif self.mode == "weighted":
+        elif self.mode == "weights":
             counts = np.bincount(self.targets)
             w = 1.0 / counts[self.targets]
             idx = rng.choice(len(self.targets), size=n, replace=True, p=w / w.sum())

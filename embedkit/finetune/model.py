@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..encoders import Preprocess
 from ..errors import EmbedkitError
 
@@ -84,12 +85,6 @@ def create_architecture(arch: str, num_classes: int, image_size: int) -> nn.Modu
     return create_timm_model(arch, image_size, False, None, num_classes=num_classes)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from ..atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict) -> None:
     """Write ``model.safetensors`` and ``model.json`` atomically (weights first, so the config never points ahead)."""
     from safetensors.torch import save
@@ -97,8 +92,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_bytes(d / WEIGHTS_FILE, save(state, metadata={"format": CHECKPOINT_FORMAT, "model": config["model"]}))
-    _atomic_bytes(d / CONFIG_FILE, json.dumps(config, indent=1).encode())
+    atomic_write_bytes(d / WEIGHTS_FILE, save(state, metadata={"format": CHECKPOINT_FORMAT, "model": config["model"]}))
+    atomic_write_json(d / CONFIG_FILE, config)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -112,8 +107,10 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise EmbedkitError(f"{d}: no {CONFIG_FILE}; not a folder written by 'embedkit finetune'")
     try:
         cfg = json.loads(path.read_text())
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise EmbedkitError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise EmbedkitError(f"{path}: expected a JSON object, found a {type(cfg).__name__}; not an embedkit checkpoint")
     if cfg.get("format") != CHECKPOINT_FORMAT:
         raise EmbedkitError(f"{path}: not an embedkit fine-tuning checkpoint (format {cfg.get('format')!r})")
     if int(cfg.get("version", 0)) > CHECKPOINT_VERSION:
@@ -127,19 +124,32 @@ def load_finetuned(directory: str | os.PathLike, device: str | torch.device = "c
     The dict holds ``classes`` (output order), ``preprocess`` (``Preprocess(**info['preprocess'])``) and
     ``conversion`` (``Conversion.from_dict``), so images can be fed exactly as in training.
     """
+    cfg = read_config(directory)
+    try:
+        arch, classes, size = str(cfg["model"]), list(cfg["classes"]), int(cfg["preprocess"]["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EmbedkitError(f"{Path(directory) / CONFIG_FILE}: incomplete checkpoint description ({exc!r} is missing "
+                            f"or malformed)") from None
+    model = create_architecture(arch, len(classes), size)
+    load_weights(model, Path(directory) / WEIGHTS_FILE, f"{arch} with {len(classes)} classes")
+    return model.to(device).eval(), cfg
+
+
+def load_weights(model: nn.Module, weights: Path, what: str) -> None:
+    """Load ``model.safetensors`` into ``model`` (all keys must fit); a missing, garbage or mismatched file is one line."""
     from safetensors.torch import load_file
 
-    cfg = read_config(directory)
-    model = create_architecture(cfg["model"], len(cfg["classes"]), int(cfg["preprocess"]["size"]))
-    weights = Path(directory) / WEIGHTS_FILE
     if not weights.exists():
         raise EmbedkitError(f"{weights}: missing; the checkpoint folder is incomplete")
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise EmbedkitError(f"{weights}: does not fit {cfg['model']} with {len(cfg['classes'])} classes "
-                            f"({str(exc).splitlines()[0][:200]})") from None
-    return model.to(device).eval(), cfg
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for torn or foreign files
+        raise EmbedkitError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}); the checkpoint is damaged") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise EmbedkitError(f"{weights}: does not fit {what} ({str(exc).splitlines()[0][:200]})") from None
 
 
 def preprocess_from(cfg: dict) -> Preprocess:

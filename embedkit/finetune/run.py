@@ -24,25 +24,19 @@ import torch
 
 from ..errors import EmbedkitError
 from ..images import Conversion
-from ..splits import Splits, check_splits, make_splits
-from .data import Augment, CellDataset, Items, check_files, load_items
+from ..splits import Splits, SplitSpec, check_splits, load_or_make_splits, run_names
+from ..items import ItemSet
+from . import ddp
+from .data import Augment, CellDataset, check_files, load_items
 from .evaluate import default_workers, predict
-from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, WEIGHTS_FILE, CONFIG_FILE, build_model
-from .train import HISTORY_FILE, STATE_FILE, TrainConfig, plot_history, train_fold
+from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, WEIGHTS_FILE, build_model, load_weights
+from .state import LEGACY_STATE_FILE, STATE_FILE
+from .train import HISTORY_FILE, TrainConfig, plot_history, train_fold
 
 CURVE_FILE = "training_curve.png"
 
 
-@dataclass
-class SplitOptions:
-    """How to get splits: a saved splits.json (as written by ``embedkit probe``) or new ones made like the probe's."""
-
-    splits_file: str | None = None
-    test_size: float = 0.2
-    val_size: float = 0.2
-    folds: int | None = None
-    seed: int = 0
-    group_by: str | None = None
+SplitOptions = SplitSpec  # the old name
 
 
 @dataclass
@@ -58,23 +52,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "timm": timm.__version__}
 
 
-def run_names(splits: Splits) -> list[str]:
-    """The name of each fold's run: the splits file's own names (as 'embedkit probe' records them) or fold<k>."""
-    names = splits.meta.get("runs") or []
-    return [str(n) for n in names] if len(names) == len(splits.folds) else [f"fold{k}" for k in range(len(splits.folds))]
-
-
-def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
+def get_splits(items: ItemSet, opts: SplitSpec) -> tuple[Splits, list[str]]:
     """Load and validate saved splits against these items, or make them with the shared splits module."""
     group_of = dict(zip(items.ids, items.groups))
     label_of = dict(zip(items.ids, items.labels))
-    if opts.splits_file:
-        if opts.folds:
-            raise EmbedkitError("--splits fixes the folds; leave out --folds when reusing a splits file")
-        splits = Splits.load(opts.splits_file)
-    else:
-        splits = make_splits(items.ids, items.labels, items.groups, test_size=opts.test_size, val_size=opts.val_size,
-                             folds=opts.folds, seed=opts.seed, group_by=opts.group_by or "group")
+    splits, _ = load_or_make_splits(items.ids, items.labels, items.groups, opts, opts.group_by or "group")
     if not splits.meta.get("runs"):  # name runs as 'embedkit probe' does, so predictions pair row by row
         many = len(splits.folds) > 1
         splits.meta["runs"] = [f"fold{k}" if many else f"seed{splits.seed}" for k in range(len(splits.folds))]
@@ -86,15 +68,19 @@ def get_splits(items: Items, opts: SplitOptions) -> tuple[Splits, list[str]]:
     return splits, warnings
 
 
-def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, split_opts: SplitOptions = SplitOptions(),
+def finetune(source, out: str | os.PathLike, model: str, *, split_opts: SplitSpec = SplitSpec(),
              train: TrainConfig = TrainConfig(), weights: str | None = None, pretrained: bool = True,
              image_size: int | None = None, conv: Conversion = Conversion(), folds: Sequence[int] | None = None,
              device: str = "auto", workers: int | None = None, name: str | None = None, restart: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> FinetuneResult:
+             progress: bool = True, log: Callable[[str], None] = print, nproc: int = 1) -> FinetuneResult:
     """Fine-tune ``model`` (a timm name, or efficientnet_lite0/1/2) on ``source`` and write a result folder.
 
-    Re-running the same call resumes an interrupted run; finished folds are not trained again.
+    ``source`` is a Store, a store file, a folder of class folders, a manifest, or an :class:`ItemSet`.
+
+    Re-running the same call resumes an interrupted run; finished folds are not trained again. ``nproc`` > 1
+    trains with DistributedDataParallel in that many processes (see :mod:`.ddp`).
     """
+    call = dict(locals())  # the arguments, for the processes of --nproc
     from ..device import resolve_device
     from ..results import predictions_frame, write_results
 
@@ -112,13 +98,20 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     used = [i for k in chosen for part in ("train", "val", "test") for i in splits.folds[k].part(part)]
     classes = sorted({label_of[i] for i in used})
     index = {c: j for j, c in enumerate(classes)}
-    check_files(items, items.rows(list(dict.fromkeys(used))))
+    check_files(items, items.positions(list(dict.fromkeys(used))))
+    if nproc > 1 and not ddp.is_launched():
+        if items.store is not None and not isinstance(source, (str, os.PathLike, ItemSet)):
+            call["source"] = str(items.store.path)  # a Store handle is reopened by each process from its path
+        return ddp.launch(nproc, finetune, call)
 
+    dev = ddp.setup(resolve_device(device))
+    if not ddp.is_main():
+        log, progress = _silent, False
     out.mkdir(parents=True, exist_ok=True)
-    if restart:
+    if restart and ddp.is_main():
         _discard(out, len(splits.folds))
-    dev = resolve_device(device)
-    n_workers = default_workers(dev) if workers is None else workers
+    ddp.barrier()
+    n_workers = default_workers(dev) // ddp.world() if workers is None else workers
     aug = Augment() if train.augment else None
     fingerprint = splits.fingerprint()
     names = run_names(splits)
@@ -134,7 +127,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
         pre = built.preprocess
 
         def dataset(ids, augment=None):
-            rows = items.rows(ids)
+            rows = items.positions(ids)
             return CellDataset(items, rows, np.array([index[label_of[i]] for i in ids]), pre, conv, augment, train.seed)
 
         settings = {"model": model, "arch": built.arch, "weights_fingerprint": built.weights_fingerprint,
@@ -155,21 +148,25 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             f"{len(classes)} classes; {model} ({built.weights_source}) at {pre.size}px on {dev}")
         outcome = train_fold(built.model, dataset(fold.train, aug), dataset(fold.val), classes, fold_dir, train,
                              settings, checkpoint_config, dev, workers=n_workers, progress=progress, log=log)
+        outcomes.append(outcome)
+        if not ddp.is_main():  # rank 0 alone tests and writes
+            continue
         if outcome.already_done:
             log(f"fold {k}: already trained (best epoch {outcome.best_epoch}); evaluating its checkpoint")
-        _load_best(built.model, fold_dir)
+        load_weights(built.model, fold_dir / WEIGHTS_FILE, f"{built.arch} with {len(classes)} classes")
         built.model.to(dev)  # a fold finished earlier was never moved to the device
         test_ds = dataset(fold.test)
         pred = predict(built.model, test_ds, dev, batch_size=train.batch_size * 2, workers=n_workers, amp=train.amp,
                        progress=progress, desc=f"test fold {k}")
         throughput.append((len(test_ds), pred.seconds))
-        rows = items.rows(fold.test)
+        rows = items.positions(fold.test)
         frames.append(predictions_frame(list(fold.test), list(items.groups[rows]), [label_of[i] for i in fold.test],
                                         pred.proba, classes, run=names[k]))
         plot_history({f"fold {k}": outcome.history}, fold_dir / CURVE_FILE,
                      title=f"{name}: fold {k}" if len(splits.folds) > 1 else name)
-        outcomes.append(outcome)
 
+    if not ddp.is_main():
+        return FinetuneResult(out, {}, outcomes)
     import pandas as pd
 
     n_test = sum(n for n, _ in throughput)
@@ -185,7 +182,8 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
             "preprocess": built.preprocess.to_dict(), "conversion": conv.to_dict(),
             "hyperparameters": train.to_dict(), "augment": aug.to_dict() if aug else None,
             "best_epoch": [o.best_epoch for o in outcomes], "epochs_run": [len(o.history) for o in outcomes],
-            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "source": str(source),
+            "stopped_early": [o.stopped_early for o in outcomes], "device": str(dev), "processes": ddp.world(),
+            "source": str(items.store.path if items.store is not None else source),
             "items_from": items.kind, "versions": _versions()}
     splits.save(out / "splits.json")
     record = write_results(out, pd.concat(frames, ignore_index=True), classes, info, title=name)
@@ -194,16 +192,13 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, model: str, *, s
     return FinetuneResult(out, record, outcomes)
 
 
-def _load_best(model: torch.nn.Module, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / WEIGHTS_FILE))
-    model.load_state_dict(state, strict=True)
+def _silent(_: str) -> None:
+    """The log of processes other than rank 0."""
 
 
 def _discard(out: Path, n_folds: int) -> None:
     """--restart: remove a previous run's training state, history and checkpoint (results are rewritten)."""
     dirs = [out] if n_folds == 1 else [out / f"fold_{k}" for k in range(n_folds)]
     for d in dirs:
-        for f in (STATE_FILE, HISTORY_FILE, WEIGHTS_FILE, CONFIG_FILE, CURVE_FILE):
+        for f in (STATE_FILE, LEGACY_STATE_FILE, HISTORY_FILE, WEIGHTS_FILE, CONFIG_FILE, CURVE_FILE):
             (d / f).unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """The training loop of one fold: AdamW, warm-up + cosine schedule, AMP on GPU, early stopping, resume.
 
 After every epoch the full training state (model, optimiser, AMP scaler, epoch, history, best score) is
-written atomically to ``train_state.pt``; a killed run started again with the same settings continues
-from its last completed epoch. Sampling, augmentation and dropout draws are seeded from (seed, epoch),
+written atomically to ``train_state.safetensors`` (tensors + JSON, see :mod:`.state`); a killed run
+started again with the same settings continues from its last completed epoch. Sampling, augmentation and dropout draws are seeded from (seed, epoch),
 so the resumed run ends exactly as an uninterrupted one would (on CPU; GPU kernels may differ in the last bits).
 """
 
@@ -20,13 +20,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_json
+from ..configdiff import differences
 from ..errors import EmbedkitError
+from ..figures import pyplot, save_figure
 from ..metrics import classification_metrics
+from . import ddp
 from .data import BalancedSampler, CellDataset
 from .evaluate import autocast, loader, predict, raise_bad
 from .model import save_checkpoint
+from .state import STATE_FILE, load_state, refuse_legacy, save_state
 
-STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 
 
@@ -41,7 +45,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     patience: int = 8
-    balance: str = "weighted"
+    balance: str = "weights"
     samples_per_epoch: int | None = None
     augment: bool = True
     label_smoothing: float = 0.0
@@ -84,37 +88,11 @@ class FoldOutcome:
     already_done: bool = False
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    from ..atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
 def run_identity(settings: dict) -> str:
     """Short hash of everything that determines a run's result (resume refuses other settings)."""
     from ..store import fingerprint
 
     return fingerprint(settings)
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} {a!r} -> {b!r}")
-    return out
 
 
 def check_resumable(directory: Path, settings: dict) -> dict | None:
@@ -125,9 +103,14 @@ def check_resumable(directory: Path, settings: dict) -> dict | None:
     hist_path = directory / HISTORY_FILE
     if not hist_path.exists():
         return None
-    saved = json.loads(hist_path.read_text())
+    try:
+        saved = json.loads(hist_path.read_text())
+    except ValueError as exc:
+        raise EmbedkitError(f"{hist_path}: unreadable ({exc}); pass --restart to discard the run in {directory}") from None
+    if not isinstance(saved, dict):
+        raise EmbedkitError(f"{hist_path}: not a fine-tuning history; pass --restart to discard the run in {directory}")
     if saved.get("identity") != run_identity(settings):
-        diffs = "; ".join(_differences(saved.get("settings", {}), settings)[:4]) or "unknown"
+        diffs = "; ".join(differences(saved.get("settings", {}), settings)[:4]) or "unknown"
         raise EmbedkitError(f"{directory} holds a fine-tuning run made with other settings ({diffs}); run the same "
                             f"command to resume it, pass --restart to discard it, or choose another --out")
     return saved
@@ -154,16 +137,18 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
                            already_done=True, stopped_early=saved.get("stopped_early", False))
     if len(val_ds) == 0:
         raise EmbedkitError("these splits have no validation items; fine-tuning needs them to pick the best epoch")
+    refuse_legacy(directory)
 
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    net = ddp.wrap(model, device)  # DistributedDataParallel under --nproc; the model itself otherwise
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    sampler = BalancedSampler(train_ds.targets, cfg.balance, cfg.seed, cfg.samples_per_epoch)
+    sampler = ddp.shard(BalancedSampler(train_ds.targets, cfg.balance, cfg.seed, cfg.samples_per_epoch))
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -174,13 +159,7 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
     start = 0
     state_path = directory / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("identity") != identity:
-            raise EmbedkitError(f"{state_path} belongs to a run with other settings; pass --restart to discard it")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        history, best, stale, start = state["history"], state["best"], state["stale"], state["epoch"]
+        history, best, stale, start = _resume(state_path, identity, model, opt, scaler)
         log(f"resuming {directory} after epoch {start}/{cfg.epochs} (best so far: epoch {best['epoch']}, "
             f"val balanced accuracy {best['score']:.3f})")
     y_val = val_ds.targets
@@ -208,7 +187,7 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise EmbedkitError(f"training loss became {float(loss)} in epoch {epoch + 1}; lower --lr "
                                     f"(now {cfg.lr:g}) and run with --restart")
@@ -220,46 +199,67 @@ def train_fold(model: torch.nn.Module, train_ds: CellDataset, val_ds: CellDatase
             seen += len(y)
             bar.set_postfix(loss=f"{running / seen:.3f}")
         bar.close()
+        running, seen = ddp.total(running, seen)
         val = predict(model, val_ds, device, batch_size=cfg.batch_size * 2, workers=workers, amp=cfg.amp)
         m = classification_metrics(y_val, val.proba, classes)
-        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val.loss,
+        val_loss, m = ddp.share((val.loss, m))  # rank 0's numbers decide, so every process stops at the same epoch
+        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                "val_balanced_accuracy": m["balanced_accuracy"], "val_accuracy": m["accuracy"],
                "lr": cfg.lr * lr_factor((epoch + 1) * steps_per_epoch - 1, total_steps, warmup_steps, cfg.min_lr_ratio),
                "seconds": time.perf_counter() - t0}
         improved = m["balanced_accuracy"] > best["score"] + 1e-12 or (
-            abs(m["balanced_accuracy"] - best["score"]) <= 1e-12 and val.loss < best["loss"])
+            abs(m["balanced_accuracy"] - best["score"]) <= 1e-12 and val_loss < best["loss"])
         if improved:
-            best = {"epoch": epoch + 1, "score": m["balanced_accuracy"], "loss": val.loss}
+            best = {"epoch": epoch + 1, "score": m["balanced_accuracy"], "loss": val_loss}
             stale = 0
-            save_checkpoint(directory, model, checkpoint_config(best))
+            if ddp.is_main():
+                save_checkpoint(directory, model, checkpoint_config(best))
         else:
             stale += 1
         row["best"] = improved
         history.append(row)
-        _atomic_torch_save({"identity": identity, "epoch": epoch + 1, "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                            "best": best, "stale": stale}, state_path)
-        _atomic_json({"identity": identity, "settings": settings, "finished": False, "history": history,
-                      "best": best, "fit_seconds": sum(h["seconds"] for h in history)}, directory / HISTORY_FILE)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {val.loss:.3f}, "
+        if not ddp.is_main():
+            continue
+        save_state(state_path, {"identity": identity, "epoch": epoch + 1, "model": model.state_dict(),
+                                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                                "best": best, "stale": stale})
+        atomic_write_json(directory / HISTORY_FILE, {"identity": identity, "settings": settings, "finished": False,
+                                                     "history": history, "best": best,
+                                                     "fit_seconds": sum(h["seconds"] for h in history)})
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, "
             f"val balanced accuracy {m['balanced_accuracy']:.3f}{'  (best)' if improved else ''}  [{row['seconds']:.0f}s]")
     if stopped_early:
         log(f"early stop: validation balanced accuracy has not improved for {cfg.patience} epochs")
     fit_seconds = float(sum(h["seconds"] for h in history))
-    _atomic_json({"identity": identity, "settings": settings, "finished": True, "stopped_early": stopped_early,
-                  "history": history, "best": best, "fit_seconds": fit_seconds}, directory / HISTORY_FILE)
+    if not ddp.is_main():
+        return FoldOutcome(directory, history, best["epoch"], best["score"], fit_seconds, resumed_from=start,
+                           stopped_early=stopped_early)
+    atomic_write_json(directory / HISTORY_FILE, {"identity": identity, "settings": settings, "finished": True,
+                                                 "stopped_early": stopped_early, "history": history, "best": best,
+                                                 "fit_seconds": fit_seconds})
     state_path.unlink(missing_ok=True)
     return FoldOutcome(directory, history, best["epoch"], best["score"], fit_seconds, resumed_from=start,
                        stopped_early=stopped_early)
 
 
+def _resume(state_path: Path, identity: str, model: torch.nn.Module, opt, scaler) -> tuple[list, dict, int, int]:
+    """Load a saved training state into model, optimiser and scaler; (history, best, stale, epoch) to go on from."""
+    state = load_state(state_path)
+    if state.get("identity") != identity:
+        raise EmbedkitError(f"{state_path} belongs to a run with other settings; pass --restart to discard it")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        return state["history"], state["best"], int(state["stale"]), int(state["epoch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise EmbedkitError(f"{state_path}: does not fit this model and optimiser ({str(exc).splitlines()[0][:160]}); "
+                            f"pass --restart to discard it") from None
+
+
 def plot_history(histories: dict[str, list[dict]], path: str | os.PathLike, title: str = "training curve") -> None:
     """Training and validation loss, and validation balanced accuracy, per epoch for each fold; best epochs marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     for n, (label, history) in enumerate(histories.items()):
         ep = [h["epoch"] for h in history]
@@ -279,7 +279,4 @@ def plot_history(histories: dict[str, list[dict]], path: str | os.PathLike, titl
         ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)

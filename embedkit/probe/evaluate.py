@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..atomic import atomic_write_text
 from ..errors import EmbedkitError
+from ..items import as_store
 from ..results import predictions_frame, write_results
-from ..splits import PARTS, Fold, Splits, check_splits, make_splits
+from ..splits import PARTS, Fold, Splits, SplitSpec, check_splits, load_or_make_splits
 from .data import ProbeData, load_probe_data
-from .features import BALANCE_MODES, Preprocessor, balance, threads_for
+from ..balance import normalise_balance
+from .diagnostics import search_notes
+from .features import Preprocessor, balance, threads_for
 from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
 from .saved import HEADS, Probe
+
+if TYPE_CHECKING:
+    from ..baselines.anchoring import Anchoring
 
 
 def parse_heads(spec: str | Sequence[str]) -> list[str]:
@@ -52,14 +59,11 @@ class ProbeSettings:
     l2: bool = False
     pca_whiten: bool = False
     pca_dim: int | None = None
-    test_size: float = 0.2
-    val_size: float = 0.2
-    folds: int | None = None
-    seeds: int = 1
-    seed: int = 0
+    split: SplitSpec = field(default_factory=SplitSpec)
     classes: Sequence[str] | None = None
     head_options: HeadOptions = field(default_factory=HeadOptions)
     n_boot: int = 1000
+    baselines: Sequence[str] = ()  # random-init, handcrafted, prior (embedkit.baselines); the CLI asks for all
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(standardise=self.standardise, l2=self.l2, pca_whiten=self.pca_whiten, pca_dim=self.pca_dim)
@@ -82,6 +86,7 @@ class ProbeReport:
     results: list[HeadResult]
     notes: list[str]
     out: Path
+    anchoring: "Anchoring | None" = None  # baseline rows and paired differences (embedkit.baselines.anchoring)
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -112,22 +117,15 @@ def _classes(data: ProbeData, wanted: Sequence[str] | None) -> tuple[list[str], 
 
 
 def _make_runs(data: ProbeData, use: np.ndarray, s: ProbeSettings) -> tuple[Splits, list[str]]:
-    folds, names = [], []
-    for i in range(s.seeds):
-        sp = make_splits(data.ids[use], data.labels[use], data.groups[use], test_size=s.test_size, val_size=s.val_size,
-                         folds=s.folds, seed=s.seed + i, group_by=data.group_by)
-        for j, f in enumerate(sp.folds):
-            folds.append(f)
-            names.append("-".join(([f"seed{s.seed + i}"] if s.seeds > 1 or not s.folds else [])
-                                  + ([f"fold{j}"] if s.folds else [])))
-    meta = {"n_labelled": int(use.sum()), "classes": sorted(set(data.labels[use])), "test_size": s.test_size,
-            "val_size": s.val_size, "folds": s.folds or 1, "seeds": s.seeds, "runs": names, "store": data.store_path}
-    return Splits(folds, group_by=data.group_by, seed=s.seed, meta=meta), names
+    splits, names = load_or_make_splits(data.ids[use], data.labels[use], data.groups[use], s.split, data.group_by)
+    splits.meta.update({"n_labelled": int(use.sum()), "store": data.store_path})
+    return splits, names
 
 
-def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) -> tuple[Splits, list[str]]:
-    splits = Splits.load(path)
-    all_ids = set(map(str, _store_ids(data.store_path)))
+def _load_runs(spec: SplitSpec, data: ProbeData, use: np.ndarray, notes: list[str]) -> tuple[Splits, list[str]]:
+    path = spec.splits_file
+    splits, names = load_or_make_splits(data.ids[use], data.labels[use], data.groups[use], spec, data.group_by)
+    all_ids = set(map(str, data.store.ids))
     have = set(data.ids)
     for k, f in enumerate(splits.folds):
         for part in PARTS:
@@ -147,15 +145,7 @@ def _load_runs(path: str, data: ProbeData, use: np.ndarray, notes: list[str]) ->
         folds.append(Fold(**parts))
     if dropped:
         notes.append(f"{dropped} split entries are unlabelled or outside the chosen classes and are left out")
-    names = splits.meta.get("runs") if len(splits.meta.get("runs", [])) == len(folds) else \
-        [f"fold{i}" for i in range(len(folds))]
     return Splits(folds, group_by=splits.group_by, seed=splits.seed, meta=splits.meta), list(names)
-
-
-def _store_ids(store_path: str) -> np.ndarray:
-    from ..store import Store
-
-    return Store(store_path).ids
 
 
 def _check_classes_in_train(splits: Splits, names: list[str], label_of: dict, classes: list[str],
@@ -177,38 +167,39 @@ def _check_classes_in_train(splits: Splits, names: list[str], label_of: dict, cl
 # --------------------------------------------------------------------------- the run
 
 
-def run_probe(store_path: str | os.PathLike, out: str | os.PathLike, *, key: str | None = None,
+def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
               group_by: str | None = None, splits_path: str | None = None, settings: ProbeSettings | None = None,
               progress: bool = True) -> ProbeReport:
-    """Fit and evaluate every requested head on every run; write result folders and saved probes to ``out``."""
+    """Fit and evaluate every requested head on every run; write result folders and saved probes to ``out``.
+
+    ``store`` is a :class:`~embedkit.store.Store` or the path of one (opened once, here).
+    """
     s = settings or ProbeSettings()
     heads = parse_heads(s.heads)
-    if s.balance not in BALANCE_MODES:
-        raise EmbedkitError(f"unknown --balance {s.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
-    if splits_path and (s.seeds > 1 or s.folds):
-        raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
-    data = load_probe_data(str(store_path), key, group_by)
+    s = replace(s, balance=normalise_balance(s.balance))
+    if splits_path:
+        s = replace(s, split=replace(s.split, splits_file=str(splits_path)))
+    data = load_probe_data(as_store(store), key, group_by)
     notes = list(data.notes)
     classes, use, class_notes = _classes(data, s.classes)
     notes += class_notes
-    if splits_path:
-        splits, names = _load_runs(splits_path, data, use, notes)
+    if s.split.splits_file:
+        splits, names = _load_runs(s.split, data, use, notes)
     else:
         splits, names = _make_runs(data, use, s)
     label_of = dict(zip(data.ids, data.labels))
     groups_of_class = {c: len(set(data.groups[use & (data.labels == c)])) for c in classes}
     _check_classes_in_train(splits, names, label_of, classes, groups_of_class)
     notes += check_splits(splits, dict(zip(data.ids, data.groups)), label_of)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits.save(out / "splits.json")
-
     # load only what any run needs: its split items plus the unlabelled items (predicted, never scored)
     pos_of = {i: p for p, i in enumerate(data.ids)}
     needed = sorted({pos_of[i] for f in splits.folds for p in PARTS for i in f.part(p)}
                     | set(np.flatnonzero(data.labels == "").tolist()))
     needed = np.asarray(needed, dtype=np.int64)
-    x = data.vectors(needed)
+    x = data.vectors(needed)  # refuses NaN rows before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits.save(out / "splits.json")
     local = {int(p): j for j, p in enumerate(needed)}
     class_index = {c: k for k, c in enumerate(classes)}
     y = np.array([class_index.get(data.labels[p], -1) for p in needed], dtype=np.int64)
@@ -237,8 +228,14 @@ def run_probe(store_path: str | os.PathLike, out: str | os.PathLike, *, key: str
                                title=f"{data.key} / {head}")
         h["probe"].save(folder / "probe")
         results.append(HeadResult(head=head, folder=folder, record=record, probe=h["probe"]))
+    notes += search_notes(results)
     report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out)
-    _atomic_text(out / "summary.md", summary_markdown(report))
+    if s.baselines:
+        from ..baselines.anchoring import score_baselines
+
+        report.anchoring = score_baselines(report, s, s.baselines, group_by, device=s.head_options.device, progress=progress)
+        notes += report.anchoring.notes
+    atomic_write_text(out / "summary.md", summary_markdown(report))
     return report
 
 
@@ -249,7 +246,7 @@ def _run_heads(r: int, name: str, fold: Fold, train: np.ndarray, val: np.ndarray
     t0 = time.perf_counter()
     pre = s.preprocessor().fit(x, train)
     pre_seconds = time.perf_counter() - t0
-    rng = np.random.default_rng(s.seed + r)
+    rng = np.random.default_rng(s.split.seed + r)
     bal_pos, bal_w = balance(y[train], s.balance, rng)
     fit_input = FitInput(x=x, y=y, train=train[bal_pos], train_weight=bal_w, val=val, classes=classes,
                          class_vote_weight=class_vote_weights(y[train], len(classes), s.balance))
@@ -337,12 +334,6 @@ def _info(data: ProbeData, head: str, splits: Splits, h: dict, s: ProbeSettings,
 # --------------------------------------------------------------------------- summaries
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _chosen_text(r: HeadResult) -> str:
     per_run = r.record["hyperparameters_per_run"]
     key = "k" if r.head == "knn" else "C"
@@ -356,14 +347,38 @@ def summary_rows(report: ProbeReport) -> list[list[str]]:
     several = len(report.run_names) > 1
     rows = [["head", "balanced acc [95% CI]"] + (["mean ± sd over runs"] if several else [])
             + ["macro-F1", "AUROC", "chosen", "fit s", "items/s"]]
-    for r in report.results:
-        m, ci, ar = r.record["metrics"], r.record["ci"], r.record["across_runs"]
+    named = [(r.head, r.record, _chosen_text(r)) for r in report.results]
+    if report.anchoring:
+        named += [(f"baseline {b.name}" + ("" if b.name == "prior" else " (logreg)"), b.record,
+                   "majority" if b.name == "prior" else _chosen_text(b)) for b in report.anchoring.rows]
+    for name, rec, chosen in named:
+        m, ci, ar = rec["metrics"], rec["ci"], rec["across_runs"]
         bci = ci.get("balanced_accuracy", [float("nan")] * 2)
-        rows.append([r.head, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
+        rows.append([name, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
                     + ([f"{ar['balanced_accuracy']['mean']:.3f} ± {ar['balanced_accuracy']['sd']:.3f}"] if several else [])
-                    + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", _chosen_text(r), f"{r.record['fit_seconds']:.2f}",
-                       f"{r.record['predict_items_per_second'] or 0:,.0f}"])
+                    + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", chosen, f"{rec['fit_seconds']:.2f}",
+                       f"{rec['predict_items_per_second'] or 0:,.0f}"])
     return rows
+
+
+def baseline_lines(report: ProbeReport) -> list[str]:
+    """The paired-difference table (encoder − baseline) and one plain sentence per baseline for the best head."""
+    from ..baselines.anchoring import difference_table, verdict
+
+    a = report.anchoring
+    if not a or not a.comparisons:
+        return []
+    lines = ["paired differences in balanced accuracy (encoder − baseline) on the same test items, 95% CI resampling "
+             "whole groups; p: group-paired bootstrap, Holm-adjusted over this table",
+             _fixed_width(difference_table(a))]
+    best = max(report.results, key=lambda r: r.record["metrics"]["balanced_accuracy"])
+    lines += [verdict(c) for c in a.comparisons if c["encoder"] == f"{report.data.key}/{best.head}"]
+    return lines
+
+
+def _fixed_width(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def summary_header(report: ProbeReport) -> str:
@@ -379,9 +394,7 @@ def summary_header(report: ProbeReport) -> str:
 
 def summary_table(report: ProbeReport) -> str:
     """Fixed-width table of every head's headline numbers, for the terminal."""
-    rows = summary_rows(report)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return _fixed_width(summary_rows(report))
 
 
 def summary_markdown(report: ProbeReport) -> str:
@@ -391,6 +404,9 @@ def summary_markdown(report: ProbeReport) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += ["", "Hyper-parameters were chosen on the validation part only. Per-head details: "
               + ", ".join(f"[{r.head}]({r.head}/summary.md)" for r in report.results) + "."]
+    extra = baseline_lines(report)
+    if extra:
+        lines += ["", "## Baselines", "", extra[0] + ".", "", "```", extra[1], "```", ""] + [f"- {v}" for v in extra[2:]]
     if report.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"

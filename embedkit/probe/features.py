@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ..balance import normalise_balance
 from ..errors import EmbedkitError
 
-BALANCE_MODES = ("none", "weights", "oversample", "undersample")
 CHUNK_ROWS = 65536
 
 
@@ -174,8 +174,7 @@ def balance(y: np.ndarray, mode: str, rng: np.random.Generator) -> tuple[np.ndar
     minority classes with replacement up to the largest class; ``undersample`` draws every class without
     replacement down to the smallest. Returned positions index into ``y``.
     """
-    if mode not in BALANCE_MODES:
-        raise EmbedkitError(f"unknown --balance {mode!r}; choose one of {', '.join(BALANCE_MODES)}")
+    mode = normalise_balance(mode)
     pos = np.arange(len(y))
     if mode == "none":
         return pos, None

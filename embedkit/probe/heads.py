@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..device import resolve_device
 from ..errors import EmbedkitError
+from ..metrics import balanced_accuracy, log_loss
 from .features import CHUNK_ROWS, Preprocessor, class_weights
 from .saved import LINEAR_HEADS, Probe, knn_proba, linear_scores, softmax
 
@@ -33,22 +33,6 @@ DINO_TEMPERATURE = 0.07
 def solver_device(device: str = "auto") -> torch.device:
     """Where the linear solver runs: 'auto' is the GPU when CUDA is present, the CPU otherwise."""
     return resolve_device(device, allow_mps=False)
-
-
-class FoldedLinear(nn.Module):
-    """Raw features [B, D] -> logits [B, K]: optional L2 normalisation, then one affine map."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, l2: bool = False):
-        super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
-        self.l2 = l2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.linear.weight.dtype)
-        return self.linear(F.normalize(x, dim=1) if self.l2 else x)
 
 
 @dataclass
@@ -65,16 +49,6 @@ class HeadOptions:
 
 
 # --------------------------------------------------------------------------- selection on validation
-
-
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y``."""
-    classes = np.unique(y)
-    return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
-
-
-def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)))) if len(y) else float("nan")
 
 
 def val_score(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:

@@ -13,8 +13,6 @@ of a population are known, the RMSE of the estimated fractions against them is r
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +21,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..atomic import atomic_path, atomic_write_json
 from ..errors import EmbedkitError
+from ..figures import pyplot, save_figure
+from ..items import as_store, store_groups
 from ..metrics import confusion
 from ..store import Store
-from .data import item_groups
+from .data import finite_vectors
 from .saved import Probe, align_classes
 
 METHODS = ("classify_count", "probability_average", "adjusted_count")
@@ -136,12 +137,11 @@ def key_for_probe(store: Store, probe: Probe, key: str | None = None) -> str:
     return matching[0]
 
 
-def apply_probes(store_path: str, probes: Sequence[Probe], key: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def apply_probes(store: Store, probes: Sequence[Probe], key: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Averaged probabilities over items that have vectors under every probe's key.
 
-    Returns (store rows, probabilities [N, K], classes, keys used).
+    Returns (store rows, probabilities [N, K], classes, keys used). Finished rows holding NaN are refused.
     """
-    store = Store(store_path)
     classes = align_classes(probes)
     if key is not None and len(probes) > 1:
         raise EmbedkitError("--encoder picks the key of a single probe; with several probes each finds its own key")
@@ -151,10 +151,10 @@ def apply_probes(store_path: str, probes: Sequence[Probe], key: str | None = Non
         done &= store.done(k)
     rows = np.flatnonzero(done)
     if len(rows) == 0:
-        raise EmbedkitError(f"{store_path}: no item has vectors under {', '.join(sorted(set(keys)))}")
+        raise EmbedkitError(f"{store.path}: no item has vectors under {', '.join(sorted(set(keys)))}")
     total = np.zeros((len(rows), len(classes)))
     for p, k in zip(probes, keys):
-        x = store.vectors(k, rows, dtype=np.dtype(store.config(k).get("dtype") or "float32"))
+        x = finite_vectors(store, k, rows, dtype=np.dtype(store.config(k).get("dtype") or "float32"))
         order = [p.classes.index(c) for c in classes]
         total += p.predict_proba(x)[:, order]
     return rows, total / len(probes), classes, keys
@@ -182,38 +182,39 @@ def ensemble_validation_confusion(probes: Sequence[Probe], classes: Sequence[str
 
 
 def read_populations(path: str, ids: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
-    """A CSV with columns id,population (an id may belong to several populations) -> positions into ``ids``."""
+    """A CSV with columns id,population (an id may belong to several populations) -> positions into ``ids``.
+
+    Read by :func:`embedkit.sources.read_csv_rows`: a BOM is accepted, other encodings are named, and a row with
+    more fields than the header is refused, naming its line.
+    """
+    from ..sources import read_csv_rows
+
     pos_of = {i: p for p, i in enumerate(ids)}
     pops: dict[str, list[int]] = {}
     missing = 0
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        if "id" not in cols or "population" not in cols:
-            raise EmbedkitError(f"{path}: a populations file needs 'id' and 'population' columns (found: {', '.join(cols) or 'none'})")
-        for row in reader:
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if row["id"] in pos_of:
-                pops.setdefault(row["population"], []).append(pos_of[row["id"]])
-            else:
-                missing += 1
+    _, rows = read_csv_rows(path, ("id", "population"), what="populations file")
+    for _, row in rows:
+        if row["id"] in pos_of:
+            pops.setdefault(row["population"], []).append(pos_of[row["id"]])
+        else:
+            missing += 1
     notes = [f"{missing} rows of {path} name items without vectors here and are left out"] if missing else []
     if not pops:
         raise EmbedkitError(f"{path}: none of its ids has vectors in this store")
     return {k: np.asarray(v) for k, v in pops.items()}, notes
 
 
-def run_proportions(store_path: str, probes: Sequence[Probe], *, key: str | None = None, group_by: str | None = None,
+def run_proportions(store, probes: Sequence[Probe], *, key: str | None = None, group_by: str | None = None,
                     populations_csv: str | None = None, out: str | os.PathLike | None = None) -> Proportions:
-    """Apply (an ensemble of) probes to a store and estimate class fractions per population."""
-    rows, proba, classes, keys = apply_probes(store_path, probes, key)
-    store = Store(store_path)
+    """Apply (an ensemble of) probes to a store (a Store or its path) and estimate class fractions per population."""
+    store = as_store(store)
+    rows, proba, classes, keys = apply_probes(store, probes, key)
     ids = store.ids[rows]
     labels = store.labels[rows]
     if populations_csv:
         pops, notes = read_populations(populations_csv, ids)
     else:
-        groups, _ = item_groups(store, group_by)
+        groups, _ = store_groups(store, group_by)
         groups = np.asarray(groups, dtype=object)[rows]
         pops = {g: np.flatnonzero(groups == g) for g in sorted(set(groups))}
         notes = []
@@ -221,7 +222,7 @@ def run_proportions(store_path: str, probes: Sequence[Probe], *, key: str | None
     res = estimate_proportions(proba, pops, classes, val_cm, labels)
     res.notes = notes + [f"adjusted count uses the {how}"] + res.notes
     if out is not None:
-        write_proportions(res, out, {"store": os.path.abspath(store_path), "keys": keys,
+        write_proportions(res, out, {"store": os.path.abspath(store.path), "keys": keys,
                                      "probes": [p.name for p in probes], "n_items": int(len(rows))})
     return res
 
@@ -230,26 +231,19 @@ def write_proportions(res: Proportions, out: str | os.PathLike, info: dict) -> N
     """proportions.csv, proportions.json and (with truths) proportions.png, each written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".proportions.csv.tmp"
-    res.table.to_csv(tmp, index=False)
-    os.replace(tmp, out / "proportions.csv")
+    with atomic_path(out / "proportions.csv") as tmp:
+        res.table.to_csv(tmp, index=False)
     record = {**info, "classes": res.classes, "methods": list(METHODS), "rmse": res.rmse,
               "n_populations": int(res.table["population"].nunique()), "n_with_truth": res.n_with_truth,
               "notes": res.notes}
-    tmp = out / ".proportions.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "proportions.json")
+    atomic_write_json(out / "proportions.json", record)
     if res.n_with_truth:
         plot_proportions(res, out / "proportions.png")
 
 
 def plot_proportions(res: Proportions, path: Path) -> None:
     """Estimated against true fraction, one panel per method, every (population, class) a point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 4), sharex=True, sharey=True)
     for ax, mth in zip(axes, METHODS):
         df = res.table[res.table["method"] == mth]
@@ -263,10 +257,7 @@ def plot_proportions(res: Proportions, path: Path) -> None:
     if len(res.classes) <= 12:
         axes[-1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def rmse_table(res: Proportions) -> str:

@@ -23,7 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from ..errors import EmbedkitError
+from ..results import json_text
 from ..store import comparable_config, fingerprint
 from .features import Preprocessor, iter_chunks, l2_rows
 
@@ -123,7 +125,7 @@ class Probe:
                                 f"fit a logreg or svm probe to explain a frozen encoder with CAMs")
         import torch
 
-        from .heads import FoldedLinear
+        from .folded import FoldedLinear
 
         w_eff, b_eff = folded_linear(self.pre, self.arrays["weight"], self.arrays["bias"])
         t = self._temperature()
@@ -153,33 +155,21 @@ class Probe:
                 "provenance": {"embedkit_version": __version__, **self.provenance}}
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the probe folder atomically (a temp folder renamed into place)."""
-        from safetensors.numpy import save_file
+        """Write the probe folder atomically: a temp folder, filled, then renamed over the old one."""
+        from safetensors.numpy import save
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        arrays = {**self.pre.arrays(), **self.arrays}
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "probe.safetensors"))
-        (tmp / "probe.json").write_text(json.dumps(self.to_json(), indent=1, default=_json_default))
+        arrays = {k: np.ascontiguousarray(v) for k, v in {**self.pre.arrays(), **self.arrays}.items()}
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
+        with atomic_path(folder) as tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            atomic_write_bytes(tmp / "probe.safetensors", save(arrays))
+            atomic_write_text(tmp / "probe.json", json_text(self.to_json()))
+            if folder.exists():
+                os.replace(folder, old)
         shutil.rmtree(old, ignore_errors=True)
         return folder
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def load_probe(folder: str | os.PathLike) -> Probe:
@@ -195,16 +185,13 @@ def load_probe(folder: str | os.PathLike) -> Probe:
         meta = json.loads(meta_path.read_text())
         arrays = load_file(str(arr_path))
     except Exception as exc:  # corrupt JSON or tensors
-        raise EmbedkitError(f"{folder}: unreadable probe ({type(exc).__name__}: {exc})") from None
-    if meta.get("format") != FORMAT:
-        raise EmbedkitError(f"{folder}: probe.json is not an embedkit probe (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise EmbedkitError(f"{folder}: probe format version {meta.get('version')} is newer than this embedkit "
-                            f"understands ({VERSION}); upgrade embedkit")
-    head = meta.get("head")
-    if head not in HEADS:
-        raise EmbedkitError(f"{folder}: unknown probe head {head!r}")
-    pre = Preprocessor.from_saved(meta, arrays)
+        raise EmbedkitError(f"{folder}: unreadable probe ({type(exc).__name__}: {str(exc)[:200]})") from None
+    _check_meta(folder, meta)
+    head = meta["head"]
+    try:
+        pre = Preprocessor.from_saved(meta, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EmbedkitError(f"{folder}: probe.safetensors lacks its preprocessing arrays ({exc})") from None
     own = set(pre.arrays())
     k = len(meta["classes"])
     body = {n: a for n, a in arrays.items() if n not in own}
@@ -220,6 +207,30 @@ def load_probe(folder: str | os.PathLike) -> Probe:
                  encoder_key=meta.get("encoder_key", ""), encoder_config=meta.get("encoder_config", {}),
                  config_fingerprint=meta.get("config_fingerprint", ""), validation=meta.get("validation", {}),
                  provenance=meta.get("provenance", {}))
+
+
+def _check_meta(folder: Path, meta) -> None:
+    """Refuse a probe.json that is not an object of this format with a head and a list of class names."""
+    where = f"{folder / 'probe.json'}"
+    if not isinstance(meta, dict):
+        raise EmbedkitError(f"{where}: expected a JSON object, found a {type(meta).__name__}; not a saved probe")
+    if meta.get("format") != FORMAT:
+        raise EmbedkitError(f"{where}: not an embedkit probe (format {meta.get('format')!r})")
+    try:
+        version = int(meta.get("version", 0))
+    except (TypeError, ValueError):
+        raise EmbedkitError(f"{where}: version {meta.get('version')!r} is not a number") from None
+    if version > VERSION:
+        raise EmbedkitError(f"{folder}: probe format version {version} is newer than this embedkit "
+                            f"understands ({VERSION}); upgrade embedkit")
+    if meta.get("head") not in HEADS:
+        raise EmbedkitError(f"{folder}: unknown probe head {meta.get('head')!r}")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise EmbedkitError(f"{where}: 'classes' must list the probe's class names (found {str(classes)[:80]})")
+    for name in ("hyperparameters", "calibration", "encoder_config", "validation", "provenance"):
+        if not isinstance(meta.get(name, {}), dict):
+            raise EmbedkitError(f"{where}: {name!r} must be a JSON object")
 
 
 def align_classes(probes: Sequence[Probe]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import EmbedkitError, WeightsNotFoundError
 
 #: SAM ViT-L, the encoder of the published CPSAM weights.
@@ -133,10 +134,8 @@ def save_random_cpsam(path: str | os.PathLike, embed_dim: int = 32, depth: int =
     with sam_architecture(arch):
         net = CPSAM(dtype=torch.float32)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)  # Cellpose reads its model files with torch.load
     return path
 
 

@@ -11,8 +11,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import numpy as np
 
+from ..atomic import atomic_path, atomic_write_json
 from ..errors import EmbedkitError
 
 EMPTY, KEPT = "empty", "kept"
@@ -152,17 +154,12 @@ class LearnedFilter:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write filter.json + filter.npz into ``folder`` (atomically, each file)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": "embedkit-learned-filter", "version": 1, "encoder_config": self.encoder_config,
                 "conversion": self.conversion, "intercept": self.intercept, "info": self.info,
                 "fingerprint": self.fingerprint, "classes": [EMPTY, KEPT]}
-        tmp = folder / ".filter.npz.tmp"
-        with open(tmp, "wb") as fh:
+        with atomic_path(folder / "filter.npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, mean=self.mean, scale=self.scale, coef=self.coef)
-        os.replace(tmp, folder / "filter.npz")
-        tmp = folder / ".filter.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, folder / "filter.json")
+        atomic_write_json(folder / "filter.json", meta)
         return folder
 
     @classmethod
@@ -171,13 +168,22 @@ class LearnedFilter:
         if not (folder / "filter.json").is_file() or not (folder / "filter.npz").is_file():
             raise EmbedkitError(f"--filter-model {folder}: no saved filter (filter.json + filter.npz); "
                                 f"fit one with --filter-examples DIR (sub-folders empty/ and kept/)")
-        meta = json.loads((folder / "filter.json").read_text())
-        if meta.get("format") != "embedkit-learned-filter":
+        try:
+            meta = json.loads((folder / "filter.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise EmbedkitError(f"{folder / 'filter.json'}: unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != "embedkit-learned-filter":
             raise EmbedkitError(f"{folder / 'filter.json'}: not an embedkit learned filter")
-        with np.load(folder / "filter.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("mean", "scale", "coef")}
-        filt = cls(encoder_config=meta["encoder_config"], conversion=meta["conversion"], intercept=float(meta["intercept"]),
-                   info=meta.get("info", {}), **arrays)
+        try:
+            with np.load(folder / "filter.npz", allow_pickle=False) as z:
+                arrays = {k: np.asarray(z[k], dtype=np.float64) for k in ("mean", "scale", "coef")}
+            if not (arrays["mean"].ndim == 1 and arrays["mean"].shape == arrays["scale"].shape == arrays["coef"].shape):
+                raise ValueError(f"arrays of shapes {[a.shape for a in arrays.values()]}; expected three equal vectors")
+            filt = cls(encoder_config=dict(meta["encoder_config"]), conversion=meta["conversion"],
+                       intercept=float(meta["intercept"]), info=meta.get("info", {}), **arrays)
+        except Exception as exc:  # a torn zip, missing or pickled arrays, wrong shapes: all one line
+            raise EmbedkitError(f"{folder}: filter.npz / filter.json are damaged ({type(exc).__name__}: "
+                                f"{str(exc)[:160]}); refit the filter with --filter-examples") from None
         if filt.fingerprint != meta.get("fingerprint"):
             raise EmbedkitError(f"{folder}: filter.npz does not match filter.json (fingerprint differs); refit the filter")
         return filt
@@ -207,3 +213,19 @@ def make_filter(name: str, *, min_foreground: float = 0.01, min_std: float = 0.0
     filt = LearnedFilter.fit(examples, create_encoder(encoder), conv, device=device, batch_size=batch_size)
     filt.save(model_dir)
     return filt
+
+
+def decide(filt, patches: np.ndarray, background: float, device: str = "cpu",
+           batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground fraction, std, learned score or NaN, keep) of each patch under ``filt`` (None keeps all)."""
+    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
+    fg, sd = simple.measure(patches, background)
+    score = np.full(len(patches), np.nan, np.float32)
+    if isinstance(filt, SimpleFilter):
+        keep = filt.keep(patches, background)
+    elif isinstance(filt, LearnedFilter):
+        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
+        keep = score > 0
+    else:
+        keep = np.ones(len(patches), bool)
+    return fg, sd, score, keep

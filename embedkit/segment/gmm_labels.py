@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import EmbedkitError
+from ..figures import pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,7 @@ class GmmThresholds:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"format": "embedkit-gmm-thresholds", "version": 1, **self.to_dict()}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"format": "embedkit-gmm-thresholds", "version": 1, **self.to_dict()}, indent=1))
         return path
 
     @classmethod
@@ -113,11 +112,7 @@ def fit_thresholds(values: np.ndarray, classes: tuple[str, str] = ("live", "dead
 
 def plot_thresholds(values: np.ndarray, thr: GmmThresholds, path: str | os.PathLike) -> Path:
     """Histogram of the patch means with the two fitted Gaussians and the thresholds, for checking by eye."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     v = np.asarray(values, np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(v, bins=60, density=True, color="0.75")
@@ -132,9 +127,4 @@ def plot_thresholds(values: np.ndarray, thr: GmmThresholds, path: str | os.PathL
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)

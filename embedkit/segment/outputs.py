@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
+
 
 def safe_name(field_id: str) -> str:
     """A flat, unique file name for a field id: 'A/img1.png' -> 'A__img1.png'.
@@ -25,14 +27,8 @@ def safe_name(field_id: str) -> str:
 
 
 def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

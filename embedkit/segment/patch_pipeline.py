@@ -1,32 +1,34 @@
 """``embedkit patches`` as a library call: fields -> sliding windows -> empty filter -> (GMM labels) -> store.
 
-Runs journal one chunk per field and commit once, like segmentation. Labels from a paired channel are
+Finished fields go into the run's shards and one commit stitches them, like segmentation. Labels from a paired channel are
 assigned at commit, after the mixture is fitted on every patch of the run (or taken from saved thresholds).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..formats.lazy import is_large_field
+from ..formats.tiled_patches import large_field_patches
 from .. import store as st
+from ..engines.local import LocalEngine
 from ..errors import BadImageError, EmbedkitError
 from ..images import Conversion, read_image, to_uint8
 from ..sources import Item, Source
 from . import outputs, storeio
-from .fields import load_field
-from .filters import LearnedFilter, SimpleFilter
+from .fields import Field, load_field
+from .filters import LearnedFilter, SimpleFilter, decide
 from .gmm_labels import GmmThresholds, fit_thresholds, plot_thresholds
 from .patches import cut_patches, patch_offsets, window_means
-from .pipeline import fail_or_record, journalled, open_journal, sidecar
+from .pipeline import fail_or_record, sidecar
 
-JOURNAL_KEY = "patches"
+RUN_KIND = "patches"
+PATCH_COLUMNS = ("offset", "foreground", "std", "filter_score", "paired_mean")
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,12 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
                     paired: PairedChannel | None = None, thresholds: GmmThresholds | None = None,
                     classes: tuple[str, str] = ("live", "dead"), thresholds_out: str | None = None,
                     device: str = "auto", batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                    report_path: str | None = None) -> PatchResult:
-    """Cut every field of ``source`` into patches in the store (resuming an interrupted run)."""
-    from tqdm.auto import tqdm
+                    report_path: str | None = None, checkpoint_fields: int | None = None, engine=None) -> PatchResult:
+    """Cut every field of ``source`` into patches in the store (resuming an interrupted run).
 
+    ``engine``: None works here; a :class:`~embedkit.engines.ray_engine.RayEngine` loads fields in Ray tasks and
+    cuts and filters them in its actor pool, each worker writing shards of the same run (``checkpoint_fields``
+    fields per shard), committed here."""
     store_path = str(store_path)
     t0 = time.perf_counter()
     if size < 8 or stride < 1:
@@ -124,25 +128,24 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
     with st.write_lock(store_path):
         in_store = storeio.finished_fields(store_path, "patches", config)
         # labelling happens at commit, so a run may resume with other GMM settings (e.g. after a failed fit)
-        journal = open_journal(store_path, JOURNAL_KEY, {k: v for k, v in config.items() if k != "gmm"})
-        done = journalled(journal)
+        run = storeio.open_run(store_path, RUN_KIND, {k: v for k, v in config.items() if k != "gmm"})
+        done = storeio.done_fields(run)
         todo = [(k, it) for k, it in enumerate(source.items) if it.id not in in_store and it.id not in done]
         res.n_resumed = len(source.items) - len(todo)
-        bar = tqdm(total=len(source.items), initial=res.n_resumed, unit="field", desc="patches", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        try:
-            for k, item in todo:
-                _one_field(source, k, item, size, stride, conv, filt, paired, journal, device, batch_size, skip_bad, res.failed)
-                bar.update(1)
-        finally:
-            bar.close()
-        done = journalled(journal)
+        where = Source(source.root, [], source.kind)  # what a worker needs of the source: its root
+        _, res.failed = (engine or LocalEngine()).map_fields(
+            todo, PatchLoader(where, conv, paired),
+            PatchCutter(where, size, stride, conv, filt, paired, device, batch_size, skip_bad), run, desc="patches",
+            device=device if isinstance(filt, LearnedFilter) else "cpu", fields_per_block=checkpoint_fields,
+            progress=progress, total=len(source.items), initial=res.n_resumed)
+        done = storeio.done_fields(run)
         new_fields = [it.id for it in source.items if it.id in done and it.id not in in_store]
         attrs = {}
         if paired is not None:
             thresholds = thresholds or _stored_thresholds(store_path)
             if thresholds is None and new_fields:
-                values = np.concatenate([_load(done[f], "paired_mean")["paired_mean"] for f in new_fields])
+                cache: dict = {}
+                values = np.concatenate([storeio.field_rows(done[f], ["paired_mean"], cache)["paired_mean"] for f in new_fields])
                 thresholds = fit_thresholds(values, classes)
                 out = thresholds_out or sidecar(store_path, ".gmm.json")
                 res.thresholds_path = str(thresholds.save(out))
@@ -154,10 +157,11 @@ def extract_patches(source: Source, store_path: str | os.PathLike, *, size: int 
         if res.failed:
             res.report = str(outputs.write_failures(report_path or sidecar(store_path, ".patches-failed.csv"), res.failed))
         if new_fields or res.failed or not os.path.exists(store_path):
-            storeio.commit(store_path, "patches", config, source.root,
-                           _batches(source, done, new_fields, store_path, res, thresholds),
+            storeio.commit(store_path, run, "patches", config, source.root,
+                           _batches(source, done, new_fields, store_path, res, thresholds, size),
                            (size, size, 3), new_fields, res.failed, attrs)
-        journal.discard()
+        else:
+            run.finish()
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -169,52 +173,81 @@ def _stored_thresholds(store_path: str) -> GmmThresholds | None:
     return GmmThresholds.from_dict(d)
 
 
-def _load(path: Path, *keys: str) -> dict[str, np.ndarray]:
-    """Arrays of one journal chunk (only ``keys`` when given, so the pixels stay on disk)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in (keys or z.files)}
+@dataclass(frozen=True)
+class PatchLoader:
+    """Loads one field and its paired plane where fields are decoded (this process, or a Ray task)."""
+
+    source: Source
+    conv: Conversion
+    paired: PairedChannel | None
+
+    def __call__(self, k: int, item: Item) -> tuple[Field, np.ndarray | None] | None:
+        path = self.source.abspath(item)
+        if is_large_field(path):  # read tile by tile where it is cut, never whole
+            return None
+        fld = load_field(path, self.conv)
+        return fld, self.paired.plane(self.source, item, fld.raw) if self.paired is not None else None
+
+
+@dataclass
+class PatchCutter:
+    """Cuts and filters one loaded field into the run's shards where the filter lives (this process, or a Ray actor)."""
+
+    source: Source
+    size: int
+    stride: int
+    conv: Conversion
+    filt: SimpleFilter | LearnedFilter | None
+    paired: PairedChannel | None
+    device: str
+    batch_size: int
+    skip_bad: bool
+
+    def __call__(self, k: int, item: Item, loaded, shards: storeio.FieldShards, failed: list) -> None:
+        _one_field(self.source, k, item, self.size, self.stride, self.conv, self.filt, self.paired, shards, self.device,
+                   self.batch_size, self.skip_bad, failed, loaded)
 
 
 def _one_field(source: Source, k: int, item: Item, size: int, stride: int, conv: Conversion, filt,
-               paired: PairedChannel | None, journal: st.Journal, device: str, batch_size: int, skip_bad: bool,
-               failed: list) -> None:
+               paired: PairedChannel | None, shards: storeio.FieldShards, device: str, batch_size: int, skip_bad: bool,
+               failed: list, loaded: tuple[Field, np.ndarray | None] | BadImageError | None) -> None:
+    """Cut and filter one field loaded by :class:`PatchLoader` (None for a large field, read here tile by tile)."""
     path = source.abspath(item)
-    try:
-        fld = load_field(path, conv)
-        plane = paired.plane(source, item, fld.raw) if paired is not None else None
-    except BadImageError as exc:
-        fail_or_record(exc.path, exc.reason, skip_bad, failed)
+    if is_large_field(path):  # read tile by tile with bounded memory (embedkit.formats.tiled_patches)
+        try:
+            got = large_field_patches(path, size, stride, conv=conv, filt=filt, paired=paired, device=device,
+                                      batch_size=batch_size)
+        except BadImageError as exc:
+            fail_or_record(exc.path, exc.reason, skip_bad, failed)
+            return
+        shards.add(k, item.id, {"n_windows": int(got.pop("n_windows")[0])}, got)
         return
+    if isinstance(loaded, BadImageError):
+        fail_or_record(loaded.path, loaded.reason, skip_bad, failed)
+        return
+    fld, plane = loaded
     rgb = to_uint8(fld.rgb)
     offsets = patch_offsets(fld.shape, size, stride)
     patches = cut_patches(rgb, offsets, size)
-    simple = filt if isinstance(filt, SimpleFilter) else SimpleFilter()
     background = float(np.median(SimpleFilter.gray(rgb[None])[0]))
-    fg, sd = simple.measure(patches, background)
-    score = np.full(len(patches), np.nan, np.float32)
-    if isinstance(filt, SimpleFilter):
-        keep = filt.keep(patches, background)
-    elif isinstance(filt, LearnedFilter):
-        score = filt.scores(patches, device=device, batch_size=batch_size).astype(np.float32)
-        keep = score > 0
-    else:
-        keep = np.ones(len(patches), bool)
+    fg, sd, score, keep = decide(filt, patches, background, device, batch_size)
     means = window_means(plane, offsets[keep], size) if plane is not None else np.full(int(keep.sum()), np.nan)
-    journal.write_chunk(field=np.array([item.id]), index=np.array([k]), n_windows=np.array([len(patches)]),
-                        offset=offsets[keep], pixels=patches[keep], foreground=fg[keep], std=sd[keep],
-                        filter_score=score[keep], paired_mean=means.astype(np.float64))
+    shards.add(k, item.id, {"n_windows": len(patches)},
+               {"offset": offsets[keep], "foreground": fg[keep], "std": sd[keep], "filter_score": score[keep],
+                "paired_mean": means.astype(np.float64), "pixels": patches[keep]})
 
 
-def _batches(source: Source, done: dict[str, Path], fields: list[str], store_path: str, res: PatchResult,
-             thresholds: GmmThresholds | None) -> Iterator[storeio.Batch]:
+def _batches(source: Source, done: dict[str, storeio.FieldRef], fields: list[str], store_path: str, res: PatchResult,
+             thresholds: GmmThresholds | None, size: int) -> Iterator[storeio.Batch]:
     by_id = {it.id: it for it in source.items}
     stored = storeio.path_writer(store_path, source.root)
+    cache: dict = {}
     for fid in fields:
-        it = by_id[fid]
-        c = _load(done[fid])
-        n = len(c["offset"])
-        res.n_windows += int(c["n_windows"][0])
-        res.n_empty += int(c["n_windows"][0]) - n
+        it, ref = by_id[fid], done[fid]
+        c = storeio.field_rows(ref, PATCH_COLUMNS, cache)
+        n = ref.count
+        res.n_windows += ref.info["n_windows"]
+        res.n_empty += ref.info["n_windows"] - n
         labels = np.array([it.label] * n, dtype=object)
         keep = np.ones(n, bool)
         if thresholds is not None:
@@ -228,9 +261,8 @@ def _batches(source: Source, done: dict[str, Path], fields: list[str], store_pat
         rel = stored(it.path)
         items = [Item(id=f"{it.id}@{y},{x}", path=it.path, label=str(lab), group=it.group, meta=dict(it.meta))
                  for (y, x), lab in zip(off, labels[keep])]
-        size = c["pixels"].shape[1]
         columns = {"source": np.array([rel] * len(off), dtype=object), "offset": off,
                    "bbox": np.concatenate([off, off + size], axis=1).astype(np.int32),
                    "foreground": c["foreground"][keep], "std": c["std"][keep], "filter_score": c["filter_score"][keep],
                    "paired_mean": c["paired_mean"][keep].astype(np.float32)}
-        yield items, columns, c["pixels"][keep]
+        yield items, columns, ref.shard, ref.start + np.flatnonzero(keep)
