@@ -19,8 +19,6 @@ from .prepare import SMALL
 RINGS_SPECTRUM, RINGS_POLAR, ANGLES = 12, 10, 32
 HARMONICS_SPECTRUM, HARMONICS_POLAR = 6, 8
 DIM = RINGS_SPECTRUM * HARMONICS_SPECTRUM + RINGS_POLAR * HARMONICS_POLAR
-#: The two blocks (spectrum, polar) as column ranges of a descriptor.
-BLOCKS = (slice(0, RINGS_SPECTRUM * HARMONICS_SPECTRUM), slice(RINGS_SPECTRUM * HARMONICS_SPECTRUM, DIM))
 _PAD = 8
 
 
@@ -78,12 +76,9 @@ def describe(small: np.ndarray) -> np.ndarray:
 
 
 def normalise(desc: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Standardise each dimension (statistics of this set unless given), then scale each block to length
-    1/sqrt(2): a row has unit length, the inner product of two rows is the mean of their blocks' cosines,
-    and each block alone ranks by its own cosine."""
+    """Standardise each dimension (statistics of this set unless given), then scale rows to unit length."""
     mean = desc.mean(axis=0) if mean is None else mean
     std = desc.std(axis=0) + 1e-6 if std is None else std
     z = (desc - mean) / std
-    for b in BLOCKS:
-        z[:, b] /= (np.linalg.norm(z[:, b], axis=1, keepdims=True) + 1e-12) * np.sqrt(len(BLOCKS))
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
     return z.astype(np.float32), mean, std
