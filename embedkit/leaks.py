@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -231,26 +231,34 @@ def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str
     return LeakVerdict("clean", line, len(q_pos), 0, [], seconds, reason, len(pool_pos))
 
 
-def auto_leak_check(store: Store | str, key: str | None, splits: Splits, groups: Sequence[str] | None = None, *,
-                    max_items: int = AUTO_MAX_ITEMS, max_pool: int = AUTO_MAX_POOL, seed: int = 0,
-                    progress: bool = False, log: Callable[[str], None] | None = None) -> LeakVerdict | None:
+def auto_leak_check(store: Store | str, key: str | None, splits: Splits,
+                    groups: Sequence[str] | Mapping[str, str] | None = None, *, max_items: int = AUTO_MAX_ITEMS,
+                    max_pool: int = AUTO_MAX_POOL, seed: int = 0, progress: bool = False,
+                    log: Callable[[str], None] | None = None) -> LeakVerdict | None:
     """The check ``probe`` runs by default: None when the grouping looks safe, else a bounded copy check.
 
-    ``groups`` are the groups the splits were made with, aligned to store rows (default: the store's own).
-    The grouping is judged on fold 0's items by :func:`suspicious_grouping`; when it is suspicious, up to
-    ``max_items`` test items of fold 0 are verified against up to ``max_pool`` of its train and val items
-    (:func:`quick_leak_check`), so the cost is bounded whatever the store's size."""
+    ``groups`` are the groups the splits were made with: aligned to store rows, or a mapping id -> group
+    (default: the store's own). The grouping is judged on fold 0's items by :func:`suspicious_grouping`;
+    when it is suspicious, up to ``max_items`` test items of fold 0 are verified against up to ``max_pool``
+    of its train and val items (:func:`quick_leak_check`), so the cost is bounded whatever the store's size."""
     store = store if isinstance(store, Store) else Store(store)
     ids = store.ids
-    groups = np.asarray(store.groups if groups is None else groups, dtype=object)
-    if len(groups) != len(ids):
-        raise EmbedkitError(f"auto_leak_check: {len(groups)} groups for {len(ids)} store items")
     if not splits.folds:
         return None
     fold = splits.folds[0]
-    row_of = {str(i): r for r, i in enumerate(ids)}
-    rows = [row_of[i] for i in (*fold.train, *fold.val, *fold.test) if i in row_of]
-    reason = suspicious_grouping(groups[rows]) if rows else None
+    members = [*fold.train, *fold.val, *fold.test]
+    if isinstance(groups, Mapping):
+        missing = [i for i in members if i not in groups]
+        if missing:
+            raise EmbedkitError(f"auto_leak_check: item {missing[0]!r} of the splits has no group")
+        fold_groups = [groups[i] for i in members]
+    else:
+        aligned = np.asarray(store.groups if groups is None else groups, dtype=object)
+        if len(aligned) != len(ids):
+            raise EmbedkitError(f"auto_leak_check: {len(aligned)} groups for {len(ids)} store items")
+        row_of = {str(i): r for r, i in enumerate(ids)}
+        fold_groups = [aligned[row_of[i]] for i in members if i in row_of]
+    reason = suspicious_grouping(fold_groups) if fold_groups else None
     if reason is None or not fold.test or not (fold.train or fold.val):
         return None
     return quick_leak_check(store, splits, key=key, max_items=max_items, max_pool=max_pool, seed=seed, reason=reason,

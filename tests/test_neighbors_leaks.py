@@ -207,6 +207,7 @@ def test_auto_leak_check_runs_only_on_a_suspicious_grouping_and_finds_the_copies
     sources = [_source(i) for i in s.ids]
     by_source = make_splits(s.ids, s.labels, sources, test_size=0.25, val_size=0.2, seed=0)
     assert auto_leak_check(s, None, by_source, sources) is None  # four items per group: plausible, no check
+    assert auto_leak_check(s, None, by_file, dict(zip(s.ids, sources))) is None  # groups may be given by id
 
     real = Store(lite0_store_ro)
     by_movie = make_splits(real.ids, real.labels, real.groups, test_size=0.25, val_size=0.2, seed=0)
