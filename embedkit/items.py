@@ -54,12 +54,21 @@ def is_store_file(path: str | os.PathLike) -> bool:
         return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
+#: ``--group-by leaks:FILE``: the grouping written by ``embedkit leaks STORE --suggest-groups FILE``.
+LEAKS_GROUPING = "leaks:"
+
+
 def store_groups(store: "Store", group_by: str | None = None) -> tuple[np.ndarray, str]:
-    """Group of every store row and the rule's name: the group column, another item column, or a preset/regex over paths."""
+    """Group of every store row and the rule's name: the group column, a ``leaks:FILE`` grouping, another item
+    column, or a preset/regex over paths."""
     from .sources import group_from_path, group_rule
 
     if group_by is None or group_by == "group":
         return np.asarray(store.groups, dtype=object), "group"
+    if group_by.startswith(LEAKS_GROUPING):
+        from .leaks import load_leak_groups
+
+        return load_leak_groups(store, group_by[len(LEAKS_GROUPING):]), group_by
     if group_by in store.columns():
         return np.asarray(store.column(group_by), dtype=object).astype(str).astype(object), group_by
     rx = group_rule(group_by)

@@ -16,8 +16,8 @@ Two ways to compare (``by``):
 
 The suggested grouping (:func:`suggest_groups`) is the connected components of the duplicate graph of
 all items, joined with the store's own groups; ``probe --group-by leaks:FILE`` reads it back with
-:func:`load_leak_groups`. :func:`quick_leak_check` is the fast check ``probe`` runs when the grouping
-looks suspicious (:func:`suspicious_grouping`).
+:func:`load_leak_groups`. :func:`auto_leak_check` is the fast check ``probe`` runs when the grouping
+looks suspicious (:func:`suspicious_grouping`); it runs :func:`quick_leak_check` with bounded cost.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -103,8 +103,10 @@ class LeakReport:
 
 
 def item_conversion(store: Store, key: str | None) -> Conversion:
-    """The channel conversion the key's encoder saw (default conversion without a key)."""
-    return Conversion.from_dict(store.config(key).get("conversion")) if key else Conversion()
+    """The channel conversion the key's encoder saw; without a key, the store's only key's (or the default)."""
+    if key is None and len(store.keys) == 1:
+        key = store.keys[0]
+    return Conversion.from_dict(store.config(store.resolve_key(key)).get("conversion")) if key else Conversion()
 
 
 def store_catalog(store: Store, rows: Sequence[int], conv: Conversion = Conversion(), progress: bool = False) -> Catalog:
@@ -150,9 +152,16 @@ def suspicious_grouping(groups: Sequence[str]) -> str | None:
     return None
 
 
+#: The automatic check's bounds: test items verified, and train/val items searched (sampled beyond that).
+AUTO_MAX_ITEMS = 200
+AUTO_MAX_POOL = 10_000
+
+
 @dataclass
 class LeakVerdict:
-    """Result of the quick check: ``status`` is 'leak' or 'clean'; ``line`` is what to print."""
+    """Result of the quick check: ``status`` is 'leak' or 'clean'; ``line`` is the one line to print.
+
+    ``reason`` says why the automatic check ran (:func:`suspicious_grouping`); empty when it was asked for."""
 
     status: str
     line: str
@@ -160,6 +169,8 @@ class LeakVerdict:
     n_flagged: int
     examples: list[tuple[str, str]]
     seconds: float
+    reason: str = ""
+    n_pool: int = 0
 
     @property
     def leaking(self) -> bool:
@@ -167,12 +178,13 @@ class LeakVerdict:
 
 
 def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str], *, key: str | None = None,
-                     max_items: int = 1000, k: int = 5, seed: int = 0, progress: bool = False,
-                     log: Callable[[str], None] | None = None) -> LeakVerdict:
+                     max_items: int = 1000, max_pool: int | None = None, k: int = 5, seed: int = 0,
+                     reason: str = "", progress: bool = False, log: Callable[[str], None] | None = None) -> LeakVerdict:
     """Fast copy check for ``probe``: do copies of one cell straddle the split (or the groups)?
 
-    With splits: up to ``max_items`` test items of fold 0 against that fold's train and val items. With
-    groups (aligned to store rows): up to ``max_items`` sampled items against all items of other groups."""
+    With splits: up to ``max_items`` test items of fold 0 against that fold's train and val items (a random
+    ``max_pool`` of them when there are more). With groups (aligned to store rows): up to ``max_items``
+    sampled items against all items of other groups. ``reason`` (why it runs) opens the verdict line."""
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
     ids = store.ids
@@ -183,10 +195,12 @@ def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str
         test = np.array([row_of[i] for i in fold.test if i in row_of], dtype=np.int64)
         seen = np.array([row_of[i] for i in (*fold.train, *fold.val) if i in row_of], dtype=np.int64)
         queries = np.sort(rng.choice(test, min(max_items, len(test)), replace=False)) if len(test) else test
+        if max_pool is not None and len(seen) > max_pool:
+            seen = np.sort(rng.choice(seen, max_pool, replace=False))
         rows = np.union1d(queries, seen)
         exclude = None
         what = "test items"
-        where = "train/val"
+        where = "train/val" + (f" ({len(seen):,} sampled)" if max_pool is not None and len(seen) == max_pool else "")
     else:
         groups = np.asarray(splits_or_groups, dtype=object).astype(str)
         if len(groups) != len(ids):
@@ -196,8 +210,7 @@ def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str
         exclude = _same_group(groups, rows)
         what = "sampled items"
         where = "another group"
-    cat = store_catalog(store, rows, item_conversion(store, key if key or not store.keys else store.resolve_key(None)),
-                        progress=progress)
+    cat = store_catalog(store, rows, item_conversion(store, key), progress=progress)
     pos = {int(r): p for p, r in enumerate(rows)}
     q_pos = np.array([pos[int(r)] for r in queries], dtype=np.int64)
     pool_pos = np.array([pos[int(r)] for r in (seen if exclude is None else rows)], dtype=np.int64)
@@ -205,14 +218,51 @@ def quick_leak_check(store: Store | str, splits_or_groups: Splits | Sequence[str
     flagged = {v.query for v in found}
     examples = [(str(ids[rows[v.query]]), str(ids[rows[v.match]])) for v in found[:3]]
     seconds = time.perf_counter() - t0
+    head = f"leak check ({reason})" if reason else "leak check"
     if flagged:
         eg = f" (e.g. {examples[0][0]} ~ {examples[0][1]})"
-        line = (f"leak check: LEAK: {len(flagged)} of {len(q_pos)} {what} have a verified copy in {where}{eg}. "
-                f"Test scores are inflated; run 'embedkit leaks {store.path} --splits SPLITS --suggest-groups groups.csv' "
+        line = (f"{head}: LEAK: {len(flagged)} of {len(q_pos)} {what} have a verified copy in {where}{eg}. "
+                f"Test scores are inflated; run 'embedkit leaks {store.path} --suggest-groups groups.csv' "
                 f"and probe again with --group-by leaks:groups.csv")
-        return LeakVerdict("leak", line, len(q_pos), len(flagged), examples, seconds)
-    line = f"leak check: clean: no copies found for {len(q_pos)} {what} in {where} ({seconds:.0f} s)"
-    return LeakVerdict("clean", line, len(q_pos), 0, [], seconds)
+        return LeakVerdict("leak", line, len(q_pos), len(flagged), examples, seconds, reason, len(pool_pos))
+    line = f"{head}: clean: no copies found for {len(q_pos)} {what} in {where} ({seconds:.0f} s)"
+    if reason:
+        line += "; copies only: other cells of one image, movie or well can still leak under this grouping"
+    return LeakVerdict("clean", line, len(q_pos), 0, [], seconds, reason, len(pool_pos))
+
+
+def auto_leak_check(store: Store | str, key: str | None, splits: Splits,
+                    groups: Sequence[str] | Mapping[str, str] | None = None, *, max_items: int = AUTO_MAX_ITEMS,
+                    max_pool: int = AUTO_MAX_POOL, seed: int = 0, progress: bool = False,
+                    log: Callable[[str], None] | None = None) -> LeakVerdict | None:
+    """The check ``probe`` runs by default: None when the grouping looks safe, else a bounded copy check.
+
+    ``groups`` are the groups the splits were made with: aligned to store rows, or a mapping id -> group
+    (default: the store's own). The grouping is judged on fold 0's items by :func:`suspicious_grouping`;
+    when it is suspicious, up to ``max_items`` test items of fold 0 are verified against up to ``max_pool``
+    of its train and val items (:func:`quick_leak_check`), so the cost is bounded whatever the store's size."""
+    store = store if isinstance(store, Store) else Store(store)
+    ids = store.ids
+    if not splits.folds:
+        return None
+    fold = splits.folds[0]
+    members = [*fold.train, *fold.val, *fold.test]
+    if isinstance(groups, Mapping):
+        missing = [i for i in members if i not in groups]
+        if missing:
+            raise EmbedkitError(f"auto_leak_check: item {missing[0]!r} of the splits has no group")
+        fold_groups = [groups[i] for i in members]
+    else:
+        aligned = np.asarray(store.groups if groups is None else groups, dtype=object)
+        if len(aligned) != len(ids):
+            raise EmbedkitError(f"auto_leak_check: {len(aligned)} groups for {len(ids)} store items")
+        row_of = {str(i): r for r, i in enumerate(ids)}
+        fold_groups = [aligned[row_of[i]] for i in members if i in row_of]
+    reason = suspicious_grouping(fold_groups) if fold_groups else None
+    if reason is None or not fold.test or not (fold.train or fold.val):
+        return None
+    return quick_leak_check(store, splits, key=key, max_items=max_items, max_pool=max_pool, seed=seed, reason=reason,
+                            progress=progress, log=log)
 
 
 def _same_group(groups: np.ndarray, rows: np.ndarray) -> Callable[[int, int], bool]:
@@ -396,25 +446,35 @@ def write_groups(path: str | os.PathLike, suggestion: GroupSuggestion) -> None:
 
 
 def load_leak_groups(store: Store, path: str | os.PathLike) -> np.ndarray:
-    """Groups from a suggested-grouping CSV (id,group,...), aligned to the store's rows."""
-    import pandas as pd
+    """Groups from a suggested-grouping CSV (id,group,...; ``leaks --suggest-groups``), aligned to the store's rows.
 
+    Every store item must be listed with a non-empty group; items the store no longer holds are ignored.
+    Bad input (no such file, not a CSV with id and group, an item listed twice, items missing) is one
+    :class:`EmbedkitError` line naming the file."""
+    from .sources import read_csv_rows
+
+    what = f"--group-by leaks:{path}"
+    if not str(path):
+        raise EmbedkitError("--group-by leaks:FILE needs a file: the grouping written by "
+                            "'embedkit leaks STORE --suggest-groups FILE'")
+    if not os.path.isfile(path):
+        raise EmbedkitError(f"{what}: no such file; write it with 'embedkit leaks {store.path} --suggest-groups {path}'")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        raise EmbedkitError(f"leaks:{path}: cannot read the grouping file ({type(exc).__name__}: {exc})") from None
-    if not {"id", "group"} <= set(frame.columns):
-        raise EmbedkitError(f"leaks:{path}: needs columns id and group (have: {', '.join(frame.columns)}); "
-                            f"write one with 'embedkit leaks STORE --suggest-groups FILE'")
-    if frame["id"].duplicated().any():
-        raise EmbedkitError(f"leaks:{path}: item {frame['id'][frame['id'].duplicated()].iloc[0]!r} is listed twice")
-    group_of = dict(zip(frame["id"], frame["group"]))
+        _, rows = read_csv_rows(path, ("id", "group"), what="grouping file (from 'embedkit leaks --suggest-groups')")
+    except EmbedkitError as exc:  # read_csv_rows names the file first: name the option instead
+        msg = str(exc)
+        raise EmbedkitError(what + (msg[len(str(path)):] if msg.startswith(str(path)) else f": {msg}")) from None
+    group_of: dict[str, str] = {}
+    for line, row in rows:
+        if row["id"] in group_of:
+            raise EmbedkitError(f"{what}:{line}: item {row['id']!r} is listed twice")
+        if not row["group"]:
+            raise EmbedkitError(f"{what}:{line}: item {row['id']!r} has an empty group")
+        group_of[row["id"]] = row["group"]
     ids = store.ids
-    missing = [i for i in ids if i not in group_of]
+    missing = [str(i) for i in ids if str(i) not in group_of]
     if missing:
-        raise EmbedkitError(f"leaks:{path}: {len(missing)} store item(s) have no group, e.g. {missing[0]!r}; "
-                            f"was it written for another store? Write it again with 'embedkit leaks {store.path} --suggest-groups FILE'")
-    out = np.array([group_of[i] for i in ids], dtype=object)
-    if (out == "").any():
-        raise EmbedkitError(f"leaks:{path}: {int((out == '').sum())} item(s) have an empty group")
-    return out
+        raise EmbedkitError(f"{what}: {len(missing):,} of the store's {len(ids):,} items have no group, e.g. "
+                            f"{missing[0]!r}; was it written for another store? Write it again with "
+                            f"'embedkit leaks {store.path} --suggest-groups {path}'")
+    return np.array([group_of[str(i)] for i in ids], dtype=object)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from .errors import EmbedkitError
 from .images import IMAGE_SUFFIXES, is_image_file
-from .items import Item
+from .items import LEAKS_GROUPING, Item
 
 #: Named group rules. MitoCheck cells of one plate + position come from one time-lapse movie.
 GROUP_PRESETS: dict[str, str] = {
@@ -44,9 +44,14 @@ class Source:
 
 
 def group_rule(group_by: str | None) -> re.Pattern | None:
-    """Turn --group-by (a preset name or a regex with capture groups) into a compiled pattern."""
+    """Turn --group-by (a preset name or a regex with capture groups) into a compiled pattern.
+
+    ``leaks:FILE`` groupings apply to store items only (:func:`embedkit.items.store_groups`)."""
     if group_by is None:
         return None
+    if group_by.startswith(LEAKS_GROUPING):
+        raise EmbedkitError(f"--group-by {group_by}: a leaks grouping lists a store's items; use it with the store "
+                            f"(e.g. embedkit probe STORE --group-by {group_by})")
     pattern = GROUP_PRESETS.get(group_by, group_by)
     try:
         rx = re.compile(pattern)

@@ -16,9 +16,10 @@ run on the same splits:
 * **false flags**: split by source (whole sources to one side); every flag is false. Broken down into
   untouched crops and copies. Also DSB nuclei bounding-box crops (not square) split by field, and
   untouched MitoCheck cells of single movies split at random within the movie;
-* **time**: catalog (descriptors) and the test-vs-train check on a random split (all test items), for ``--sizes`` items
-  made of sources and copies of both datasets, wall-clock and CPU seconds, and the suggested grouping
-  (all items against all) for the smallest size.
+* **time**: catalog (descriptors), stage-1 candidates and the test-vs-train verification on a random split,
+  for ``--sizes`` items made of sources and copies of both datasets, wall-clock and CPU seconds; above 10,000
+  items with ``--verify-sample N`` only N test items are verified and the rest extrapolated; with
+  ``--grouping`` also the suggested grouping (all items against all) for the smallest size.
 
 Up to 600 test items are checked per accuracy experiment (all train items are searched); rates carry
 95% Wilson intervals.
@@ -290,10 +291,15 @@ def single_movies(crops: Crops, n_movies: int, rng: np.random.Generator) -> dict
                        f"untouched cells of {n_movies} movies, split within each movie")
 
 
-def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Generator, grouping: bool) -> dict:
-    """Catalog + test-vs-train check (and optionally the all-items grouping) on ``size`` items."""
+def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Generator, grouping: bool,
+           verify_sample: int | None = None) -> dict:
+    """Catalog + candidates + test-vs-train verification (and optionally the all-items grouping) on ``size`` items.
+
+    With ``verify_sample``, only that many random test items are verified and the verification time of all
+    test items is extrapolated from them (``check_seconds_estimated``); catalog and candidates always run in full."""
     from embedkit.duplicates.augment import augmented_copy
-    from embedkit.duplicates.search import build_catalog, duplicate_pairs, find_copies
+    from embedkit.duplicates.search import K, build_catalog, duplicate_pairs, find_copies
+    from embedkit.neighbors import knn
 
     per = copies + 1
     srcs = [("m", i) for i in np.unique(mito.source, return_index=True)[1]] + [("d", i) for i in range(len(dsb.images))]
@@ -318,15 +324,29 @@ def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Gener
     out["catalog_seconds"] = round(time.perf_counter() - w0, 1)
     out["catalog_cpu_seconds"] = round(time.process_time() - c0, 1)
     w0, c0 = time.perf_counter(), time.process_time()
-    verified = find_copies(cat, test, train)
-    out["check_seconds"] = round(time.perf_counter() - w0, 1)
-    out["check_cpu_seconds"] = round(time.process_time() - c0, 1)
+    knn(cat.descriptors[train], cat.descriptors[test], K, method="exact")
+    out["candidates_seconds"] = round(time.perf_counter() - w0, 1)
+    out["candidates_cpu_seconds"] = round(time.process_time() - c0, 1)
+    checked = test if not verify_sample or verify_sample >= len(test) else np.sort(rng.choice(test, verify_sample, replace=False))
+    w0, c0 = time.perf_counter(), time.process_time()
+    verified = find_copies(cat, checked, train)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    out["n_verified_queries"] = int(len(checked))
     out["pairs_verified"] = len(verified)
-    out["total_seconds"] = round(out["catalog_seconds"] + out["check_seconds"], 1)
+    if len(checked) == len(test):
+        out["check_seconds"] = round(wall, 1)
+        out["check_cpu_seconds"] = round(cpu, 1)
+        out["total_seconds"] = round(out["catalog_seconds"] + out["check_seconds"], 1)
+    else:  # candidates for all test items are timed above; verification scales with the number of test items
+        scale = len(test) / len(checked)
+        out["check_seconds_estimated"] = round(out["candidates_seconds"] + wall * scale, 1)
+        out["check_cpu_seconds_estimated"] = round(out["candidates_cpu_seconds"] + cpu * scale, 1)
+        out["total_seconds_estimated"] = round(out["catalog_seconds"] + out["check_seconds_estimated"], 1)
+    out["verify_seconds_per_test_item"] = round(wall / max(len(checked), 1), 4)
     train_sources = set(source[train].tolist())
-    has = np.array([source[q] in train_sources for q in test])
+    has = np.array([source[q] in train_sources for q in checked])
     flagged = {v.query for v in verified if v.copy}
-    out["recall"] = float(np.mean([q in flagged for q in test[has]])) if has.any() else None
+    out["recall"] = float(np.mean([q in flagged for q in checked[has]])) if has.any() else None
     if grouping:
         w0, c0 = time.perf_counter(), time.process_time()
         pairs = duplicate_pairs(cat)
@@ -344,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", type=int, default=300, help="Source crops per dataset that get copies.")
     p.add_argument("--copies", type=int, default=20, help="Augmented copies per source.")
     p.add_argument("--sizes", default="10000,100000", help="Item counts to time (comma separated; empty: none).")
+    p.add_argument("--verify-sample", type=int, default=None,
+                   help="Above 10,000 items, verify only this many test items and extrapolate (candidates run in full).")
+    p.add_argument("--grouping", action="store_true", help="Also time the all-items grouping at the smallest size.")
+    p.add_argument("--only", default="accuracy,timing", help="Sections to run: accuracy, timing (comma separated).")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not (args.data / "mitocheck").is_dir() or not (args.data / "dsb2018").is_dir():
@@ -366,20 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
         os.replace(tmp, args.out)
 
-    result["mitocheck"] = dataset_report("mitocheck", mito, args, rng)
-    save()
-    result["mitocheck"]["false_flags_single_movies"] = single_movies(mito, 5, rng)
-    save()
-    result["dsb"] = dataset_report("dsb windows", windows, args, rng)
-    save()
-    result["dsb"]["false_flags_bounding_boxes"] = false_flags(
-        boxes.images, boxes.group, np.array(["untouched"] * len(boxes.images)), rng,
-        "tight bounding-box crops of distinct nuclei, split by field")
-    save()
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if "accuracy" in args.only:
+        result["mitocheck"] = dataset_report("mitocheck", mito, args, rng)
+        save()
+        result["mitocheck"]["false_flags_single_movies"] = single_movies(mito, 5, rng)
+        save()
+        result["dsb"] = dataset_report("dsb windows", windows, args, rng)
+        save()
+        result["dsb"]["false_flags_bounding_boxes"] = false_flags(
+            boxes.images, boxes.group, np.array(["untouched"] * len(boxes.images)), rng,
+            "tight bounding-box crops of distinct nuclei, split by field")
+        save()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if "timing" in args.only else []
     result["timing"] = []
     for n in sizes:
-        result["timing"].append(timing(mito, windows, n, args.copies, rng, grouping=(n == min(sizes))))
+        sample = args.verify_sample if n > 10_000 else None
+        result["timing"].append(timing(mito, windows, n, args.copies, rng, grouping=args.grouping and n == min(sizes),
+                                       verify_sample=sample))
         save()
     log(f"wrote {args.out}")
     return 0

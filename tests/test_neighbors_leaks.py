@@ -130,3 +130,90 @@ def test_bad_input_is_one_line(lite0_store_ro, tmp_path):
     (tmp_path / "g.csv").write_text("id,group\nnope.png,dup1\n")
     with pytest.raises(EmbedkitError, match="have no group"):
         load_leak_groups(Store(lite0_store_ro), tmp_path / "g.csv")
+
+
+def _write_grouping(path, ids, groups) -> None:
+    pd.DataFrame({"id": ids, "group": groups, "previous_group": groups, "copies": 0}).to_csv(path, index=False)
+
+
+def test_probe_groups_by_a_leaks_grouping_file(lite0_store_ro, tmp_path):
+    import json
+
+    from embedkit.items import store_groups
+    from embedkit.store import Store
+
+    s = Store(lite0_store_ro)
+    cells = [f"dup{g}" for g in pd.factorize(s.groups)[0] // 2]  # two movies per group: not the store's own grouping
+    _write_grouping(tmp_path / "groups.csv", s.ids[::-1], cells[::-1])  # any row order
+    groups, name = store_groups(s, f"leaks:{tmp_path / 'groups.csv'}")
+    assert list(groups) == cells and name == f"leaks:{tmp_path / 'groups.csv'}"
+
+    out = tmp_path / "probe"
+    run_cli("probe", lite0_store_ro, "--group-by", f"leaks:{tmp_path / 'groups.csv'}", "--heads", "knn",
+            "--no-baselines", "--out", out, "--quiet")
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["group_by"] == f"leaks:{tmp_path / 'groups.csv'}"
+    group_of = dict(zip(s.ids, cells))
+    fold = splits["folds"][0]
+    sides = [{group_of[i] for i in fold[p]} for p in ("train", "val", "test")]
+    assert not (sides[0] & sides[2]) and not (sides[1] & sides[2]) and not (sides[0] & sides[1])
+    assert any(len({g for g in s.groups[[group_of[i] == c for i in s.ids]]}) == 2 for c in sides[2])
+
+
+def test_a_bad_leaks_grouping_is_one_line(lite0_store_ro, mitocheck_dir, tmp_path):
+    from embedkit.errors import EmbedkitError
+    from embedkit.items import store_groups
+    from embedkit.sources import discover
+    from embedkit.store import Store
+
+    s = Store(lite0_store_ro)
+    missing = run_cli("probe", lite0_store_ro, "--group-by", f"leaks:{tmp_path / 'none.csv'}", "--out", tmp_path / "o",
+                      check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no such file" in missing.stderr and "--suggest-groups" in missing.stderr
+    assert not (tmp_path / "o").exists()
+
+    _write_grouping(tmp_path / "part.csv", s.ids[:-3], ["g"] * (len(s.ids) - 3))
+    with pytest.raises(EmbedkitError, match=r"3 of the store's 320 items have no group.*another store"):
+        store_groups(s, f"leaks:{tmp_path / 'part.csv'}")
+    (tmp_path / "cols.csv").write_text("path,label\na.png,x\n")
+    with pytest.raises(EmbedkitError, match=r"^--group-by leaks:.*cols\.csv: a grouping file .*needs 'id' and 'group'"):
+        store_groups(s, f"leaks:{tmp_path / 'cols.csv'}")
+    (tmp_path / "twice.csv").write_text(f"id,group\n{s.ids[0]},a\n{s.ids[0]},b\n")
+    with pytest.raises(EmbedkitError, match=r"twice\.csv:3: item .* is listed twice"):
+        store_groups(s, f"leaks:{tmp_path / 'twice.csv'}")
+    (tmp_path / "empty.csv").write_text(f"id,group\n{s.ids[0]},\n")
+    with pytest.raises(EmbedkitError, match="empty group"):
+        store_groups(s, f"leaks:{tmp_path / 'empty.csv'}")
+    with pytest.raises(EmbedkitError, match="needs a file"):
+        store_groups(s, "leaks:")
+    with pytest.raises(EmbedkitError, match="lists a store's items; use it with the store"):
+        discover(mitocheck_dir, group_by=f"leaks:{tmp_path / 'part.csv'}")
+
+
+def test_auto_leak_check_runs_only_on_a_suspicious_grouping_and_finds_the_copies(copies_store, lite0_store_ro):
+    from embedkit.leaks import auto_leak_check
+    from embedkit.splits import make_splits
+    from embedkit.store import Store
+
+    s = Store(copies_store)
+    by_file = make_splits(s.ids, s.labels, s.ids, test_size=0.25, val_size=0.2, seed=0)
+    verdict = auto_leak_check(s, None, by_file, max_items=8)
+    assert verdict is not None and verdict.leaking and verdict.reason == "every item is its own group"
+    assert verdict.n_checked == 8 and verdict.n_flagged >= 5
+    assert verdict.line.startswith("leak check (every item is its own group): LEAK: ")
+    assert "\n" not in verdict.line and "--group-by leaks:" in verdict.line
+    assert all(_source(a) == _source(b) for a, b in verdict.examples)
+    sources = [_source(i) for i in s.ids]
+    by_source = make_splits(s.ids, s.labels, sources, test_size=0.25, val_size=0.2, seed=0)
+    assert auto_leak_check(s, None, by_source, sources) is None  # four items per group: plausible, no check
+    assert auto_leak_check(s, None, by_file, dict(zip(s.ids, sources))) is None  # groups may be given by id
+
+    real = Store(lite0_store_ro)
+    by_movie = make_splits(real.ids, real.labels, real.groups, test_size=0.25, val_size=0.2, seed=0)
+    assert auto_leak_check(real, None, by_movie) is None
+    by_cell = make_splits(real.ids, real.labels, real.ids, test_size=0.25, val_size=0.2, seed=0)
+    distinct = auto_leak_check(real, None, by_cell, real.ids, max_items=20, max_pool=100)
+    assert distinct is not None and distinct.reason == "every item is its own group" and distinct.n_pool == 100
+    assert distinct.status == "clean" and distinct.n_checked == 20  # distinct cells of one movie are not copies
+    assert "(100 sampled)" in distinct.line

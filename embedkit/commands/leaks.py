@@ -65,9 +65,10 @@ def leaks(store, splits_path, groups_out, by, key, threshold, k, folds, csv_out,
             os.replace(tmp, csv_out)
             click.echo(f"wrote {csv_out}")
         if sheet:
+            from ..items import as_store
             from ..sheets import pair_sheet
 
-            click.echo(f"wrote {pair_sheet(store, key, report.pairs, sheet, threshold=0.95 if by == 'pixels' else report.threshold, measure=report.measure)}")
+            click.echo(f"wrote {pair_sheet(as_store(store), key, report.pairs, sheet, threshold=0.95 if by == 'pixels' else report.threshold, measure=report.measure)}")
     if groups_out:
         suggestion = suggest_groups(store, key, k=k, progress=not quiet, log=log)
         write_groups(groups_out, suggestion)

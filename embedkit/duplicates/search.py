@@ -43,7 +43,7 @@ class Thresholds:
 
     mid: float = 0.95
     flat: float = 0.25
-    strict_mid: float = 0.98
+    strict_mid: float = 0.99
     fine: float = 0.90
     coarse_gate: float = 0.55
     gate: float = 0.90
