@@ -116,15 +116,36 @@ def make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str]
 
 @dataclass
 class SplitSpec:
-    """How a stage gets its splits: a saved splits.json, or new ones (one per seed; K group folds or one split)."""
+    """How a stage gets its splits: a saved splits.json, or new ones (one per seed; K group folds or one split).
+
+    ``seeds=None`` is the stage's default: one split for finetune and leaks; :func:`repeated` makes probe's five.
+    """
 
     splits_file: str | None = None
     test_size: float = 0.2
     val_size: float = 0.2
     folds: int | None = None
-    seeds: int = 1
+    seeds: int | None = None
     seed: int = 0
     group_by: str | None = None
+
+    @property
+    def n_seeds(self) -> int:
+        """How many seeds are drawn (None counts as one)."""
+        return self.seeds or 1
+
+    def repeated(self, n: int = 5) -> "SplitSpec":
+        """The spec with ``n`` seeds where none was asked for and nothing else fixes the runs (a file, K folds)."""
+        if self.seeds is not None or self.splits_file or self.folds:
+            return self
+        from dataclasses import replace
+
+        return replace(self, seeds=n)
+
+    @property
+    def single_quick_look(self) -> bool:
+        """One split only (no folds, one seed, no file): a quick look, not an estimate of split-to-split variance."""
+        return not self.splits_file and not self.folds and self.n_seeds == 1
 
 
 def run_names(splits: Splits) -> list[str]:
@@ -140,20 +161,20 @@ def load_or_make_splits(ids: Sequence[str], labels: Sequence[str], groups: Seque
     The one place probe, finetune and leaks get splits from; callers check them against their own items.
     """
     if spec.splits_file:
-        if spec.folds or spec.seeds > 1:
+        if spec.folds or spec.n_seeds > 1:
             raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
         splits = Splits.load(spec.splits_file)
         return splits, run_names(splits)
     folds, names, meta = [], [], {}
-    for i in range(spec.seeds):
+    for i in range(spec.n_seeds):
         sp = make_splits(ids, labels, groups, test_size=spec.test_size, val_size=spec.val_size, folds=spec.folds,
                          seed=spec.seed + i, group_by=group_by)
         meta = sp.meta
         for j, f in enumerate(sp.folds):
             folds.append(f)
-            names.append("-".join(([f"seed{spec.seed + i}"] if spec.seeds > 1 or not spec.folds else [])
+            names.append("-".join(([f"seed{spec.seed + i}"] if spec.n_seeds > 1 or not spec.folds else [])
                                   + ([f"fold{j}"] if spec.folds else [])))
-    meta = {**meta, "seeds": spec.seeds, "runs": names}
+    meta = {**meta, "seeds": spec.n_seeds, "runs": names}
     return Splits(folds, group_by=group_by, seed=spec.seed, meta=meta), names
 
 

@@ -71,6 +71,7 @@ class LinearProblem:
         self.a = torch.from_numpy(a.astype(np.float32)).to(self.device)
         self.shift = torch.from_numpy(shift.astype(np.float32)).to(self.device)
         self.chunks = []
+        self.converged = False  # of the last fit
         self._buffer: torch.Tensor | None = None
         w = np.ones(len(pos)) if weight is None else np.asarray(weight, dtype=np.float64)
         self.total_weight = float(w.sum())
@@ -127,7 +128,10 @@ class LinearProblem:
             return (total + reg.detach().double()).float()
 
         opt.step(closure)
-        n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+        state = opt.state[opt._params[0]]
+        n_iter = int(state.get("n_iter", 0))
+        # L-BFGS also stops when its evaluation budget (max_iter * 5/4) runs out: that is not convergence either
+        self.converged = n_iter < max_iter and int(state.get("func_evals", 0)) < opt.defaults["max_eval"]
         return weight.detach().cpu().numpy(), bias.detach().cpu().numpy(), n_iter
 
 
@@ -183,7 +187,7 @@ def _fit_linear(head: str, data: FitInput, pre: Preprocessor, opts: HeadOptions,
         proba = softmax(scores / temp)
         score = val_score(yv, proba) if len(yv) else (0.0, 0.0)
         search.append({"C": float(c), "val_balanced_accuracy": score[0], "val_log_loss": -score[1],
-                       "iterations": n_iter, "converged": n_iter < opts.max_iter,
+                       "iterations": n_iter, "converged": problem.converged,
                        "seconds": round(time.perf_counter() - t0, 3)})
         if progress:
             progress(f"{head} C={c:g}: val balanced accuracy {score[0]:.3f}")
