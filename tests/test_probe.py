@@ -83,7 +83,7 @@ def test_saved_probes_round_trip_to_the_same_probabilities(demo, lite0_store_ro)
         probe = load_probe(out / head / "probe")
         x = s.vectors("efficientnet_lite0", np.array([row_of[i] for i in pred["id"]]))
         again = probe.predict_proba(x)
-        np.testing.assert_allclose(again, pred[[f"p_{c}" for c in probe.classes]].to_numpy(), atol=1e-6)
+        np.testing.assert_allclose(again, pred[[f"p_{c}" for c in probe.classes]].to_numpy(), atol=1e-5)  # float32
         if head == "knn":
             with pytest.raises(EmbedkitError, match="not differentiable"):
                 probe.torch_module()
