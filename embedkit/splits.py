@@ -97,15 +97,21 @@ def make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str]
     if not 0 < test_size < 1 or not 0 < val_size < 1:
         raise EmbedkitError("test and validation fractions must lie between 0 and 1")
     out = []
+    # StratifiedGroupKFold's shuffle only breaks ties between groups of equal class spread, so on real data
+    # every seed gives the same partition. Seeds s of one block of K (0..K-1, K..2K-1, ...) share the partition
+    # shuffled with the block's first seed and test its fold s mod K (validating on inner fold s mod k): the
+    # seeds of a block test disjoint sets of groups, as K-fold grouped cross-validation does.
     if folds:
         if folds < 2:
             raise EmbedkitError("--folds needs at least 2")
         outer = list(_sgkf(labels, groups, folds, seed))
     else:
-        outer = [next(iter(_sgkf(labels, groups, max(2, round(1 / test_size)), seed)))]
+        k = max(2, round(1 / test_size))
+        outer = [list(_sgkf(labels, groups, k, seed - seed % k))[seed % k]]
     for rest, test in outer:
         inner_k = max(2, round((1 - (test_size if not folds else 1 / folds)) / val_size))
-        tr, va = next(iter(_sgkf(labels[rest], groups[rest], inner_k, seed + 1)))
+        inner = list(_sgkf(labels[rest], groups[rest], inner_k, seed + 1))
+        tr, va = inner[seed % len(inner)]
         out.append(Fold(train=list(ids[rest][tr]), val=list(ids[rest][va]), test=list(ids[test])))
     s = Splits(out, group_by=group_by, seed=seed,
                meta={"n_labelled": int(keep.sum()), "classes": [str(c) for c in classes], "test_size": test_size,

@@ -80,3 +80,16 @@ def test_non_convergence_is_printed_in_the_table(lite0_store_ro, tmp_path):
     assert "NOT CONVERGED (1/1 runs)" in summary_table(rep)
     assert any("did NOT converge" in n for n in rep.notes)
     assert "NOT CONVERGED" in (tmp_path / "summary.md").read_text()
+
+
+def test_seeds_give_different_grouped_splits_even_when_shuffling_cannot():
+    """Groups with distinct class spreads: StratifiedGroupKFold's shuffle alone would return one partition."""
+    from embedkit.splits import make_splits
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"g{i}" for i in range(30)], 20)
+    labels = np.array([f"c{int(v)}" for v in (rng.random(600) * (1 + np.repeat(np.arange(30), 20) % 4)).astype(int)])
+    ids = [f"i{k}" for k in range(600)]
+    tests = [frozenset(make_splits(ids, labels, groups, seed=s).folds[0].test) for s in range(5)]
+    assert len(set(tests)) == 5
+    assert all(not (a & b) for k, a in enumerate(tests) for b in tests[k + 1:])  # disjoint, like 5-fold CV
