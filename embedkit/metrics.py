@@ -102,10 +102,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
     return out
 
 
-def group_bootstrap(y_true: np.ndarray, proba: np.ndarray, groups: Sequence[str], *, n_boot: int = 1000,
-                    seed: int = 0, level: float = CI_LEVEL, with_auroc: bool = True) -> dict[str, list[float]]:
-    """Percentile CIs of accuracy, balanced accuracy, macro-F1 (and AUROC) by resampling whole groups."""
-    rng = np.random.default_rng(seed)
+def _group_replicates(y_true: np.ndarray, proba: np.ndarray, groups: Sequence[str], n_boot: int,
+                      rng: np.random.Generator, with_auroc: bool) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of each metric, resampling whole groups with replacement."""
     k = proba.shape[1]
     y_pred = proba.argmax(axis=1)
     _, g_idx = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
@@ -123,8 +122,40 @@ def group_bootstrap(y_true: np.ndarray, proba: np.ndarray, groups: Sequence[str]
             values[m].append(v)
         if with_auroc:
             values["auroc"].append(ranked.auroc(counts[g_idx].astype(float)))
+    return {m: np.asarray(v) for m, v in values.items()}
+
+
+def _percentiles(values: dict[str, np.ndarray], level: float) -> dict[str, list[float]]:
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {m: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] for m, v in values.items()}
+
+
+def group_bootstrap(y_true: np.ndarray, proba: np.ndarray, groups: Sequence[str], *, n_boot: int = 1000,
+                    seed: int = 0, level: float = CI_LEVEL, with_auroc: bool = True) -> dict[str, list[float]]:
+    """Percentile CIs of accuracy, balanced accuracy, macro-F1 (and AUROC) by resampling whole groups."""
+    rng = np.random.default_rng(seed)
+    return _percentiles(_group_replicates(y_true, proba, groups, n_boot, rng, with_auroc), level)
+
+
+def split_group_bootstrap(y_true: np.ndarray, proba: np.ndarray, groups: Sequence[str], runs: Sequence[str], *,
+                          n_boot: int = 1000, seed: int = 0, level: float = CI_LEVEL,
+                          with_auroc: bool = True) -> dict[str, list[float]]:
+    """CIs over repeated splits: whole test groups are resampled within each run and the replicates of all runs pooled.
+
+    The pooled distribution is a mixture of the runs' bootstrap distributions, so its spread holds both the
+    group resampling within a split and the split-to-split variance (the runs' centres differ).
+    """
+    rng = np.random.default_rng(seed)
+    runs = np.asarray(runs, dtype=object).astype(str)
+    names = list(dict.fromkeys(runs))
+    per_run = max(200, int(np.ceil(n_boot / len(names))))  # about n_boot replicates in all
+    pooled: dict[str, list[np.ndarray]] = {}
+    for name in names:
+        sel = runs == name
+        for m, v in _group_replicates(y_true[sel], proba[sel], np.asarray(groups, dtype=object)[sel], per_run, rng,
+                                      with_auroc).items():
+            pooled.setdefault(m, []).append(v)
+    return _percentiles({m: np.concatenate(v) for m, v in pooled.items()}, level)
 
 
 def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, groups: Sequence[str], n_classes: int,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import atomic_path, atomic_write_text
 from .figures import pyplot, save_figure
-from .metrics import classification_metrics, group_bootstrap
+from .metrics import classification_metrics, group_bootstrap, split_group_bootstrap
 from .store import now_iso
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
@@ -44,7 +44,6 @@ def summarize(pred, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -
 
     y, p = arrays(scored)
     out = {"metrics": classification_metrics(y, p, classes)}
-    out["ci"] = group_bootstrap(y, p, scored["group"].to_numpy(), n_boot=n_boot, seed=seed)
     out["n_test_groups"] = int(scored["group"].nunique())
     runs = {}
     for run, df in scored.groupby("run", sort=True):
@@ -55,6 +54,15 @@ def summarize(pred, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -
     out["across_runs"] = {k: {"mean": float(np.nanmean([r[k] for r in runs.values()])),
                               "sd": float(np.nanstd([r[k] for r in runs.values()], ddof=1)) if len(runs) > 1 else 0.0}
                           for k in HEADLINE}
+    if len(runs) > 1:  # several splits: the headline is the mean over runs, its CI holds split and group variance
+        out["ci"] = split_group_bootstrap(y, p, scored["group"].to_numpy(), scored["run"].astype(str).to_numpy(),
+                                          n_boot=n_boot, seed=seed)
+        out["metrics"]["pooled"] = {k: out["metrics"][k] for k in HEADLINE}
+        out["metrics"].update({k: out["across_runs"][k]["mean"] for k in HEADLINE})
+        out["ci_method"] = f"mean over {len(runs)} runs; CI: whole test groups resampled within each run, pooled over runs"
+    else:
+        out["ci"] = group_bootstrap(y, p, scored["group"].to_numpy(), n_boot=n_boot, seed=seed)
+        out["ci_method"] = "one run; CI: whole test groups resampled"
     return out
 
 

@@ -97,15 +97,21 @@ def make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str]
     if not 0 < test_size < 1 or not 0 < val_size < 1:
         raise EmbedkitError("test and validation fractions must lie between 0 and 1")
     out = []
+    # StratifiedGroupKFold's shuffle only breaks ties between groups of equal class spread, so on real data
+    # every seed gives the same partition. Seeds s of one block of K (0..K-1, K..2K-1, ...) share the partition
+    # shuffled with the block's first seed and test its fold s mod K (validating on inner fold s mod k): the
+    # seeds of a block test disjoint sets of groups, as K-fold grouped cross-validation does.
     if folds:
         if folds < 2:
             raise EmbedkitError("--folds needs at least 2")
         outer = list(_sgkf(labels, groups, folds, seed))
     else:
-        outer = [next(iter(_sgkf(labels, groups, max(2, round(1 / test_size)), seed)))]
+        k = max(2, round(1 / test_size))
+        outer = [list(_sgkf(labels, groups, k, seed - seed % k))[seed % k]]
     for rest, test in outer:
         inner_k = max(2, round((1 - (test_size if not folds else 1 / folds)) / val_size))
-        tr, va = next(iter(_sgkf(labels[rest], groups[rest], inner_k, seed + 1)))
+        inner = list(_sgkf(labels[rest], groups[rest], inner_k, seed + 1))
+        tr, va = inner[seed % len(inner)]
         out.append(Fold(train=list(ids[rest][tr]), val=list(ids[rest][va]), test=list(ids[test])))
     s = Splits(out, group_by=group_by, seed=seed,
                meta={"n_labelled": int(keep.sum()), "classes": [str(c) for c in classes], "test_size": test_size,
@@ -116,15 +122,36 @@ def make_splits(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str]
 
 @dataclass
 class SplitSpec:
-    """How a stage gets its splits: a saved splits.json, or new ones (one per seed; K group folds or one split)."""
+    """How a stage gets its splits: a saved splits.json, or new ones (one per seed; K group folds or one split).
+
+    ``seeds=None`` is the stage's default: one split for finetune and leaks; :func:`repeated` makes probe's five.
+    """
 
     splits_file: str | None = None
     test_size: float = 0.2
     val_size: float = 0.2
     folds: int | None = None
-    seeds: int = 1
+    seeds: int | None = None
     seed: int = 0
     group_by: str | None = None
+
+    @property
+    def n_seeds(self) -> int:
+        """How many seeds are drawn (None counts as one)."""
+        return self.seeds or 1
+
+    def repeated(self, n: int = 5) -> "SplitSpec":
+        """The spec with ``n`` seeds where none was asked for and nothing else fixes the runs (a file, K folds)."""
+        if self.seeds is not None or self.splits_file or self.folds:
+            return self
+        from dataclasses import replace
+
+        return replace(self, seeds=n)
+
+    @property
+    def single_quick_look(self) -> bool:
+        """One split only (no folds, one seed, no file): a quick look, not an estimate of split-to-split variance."""
+        return not self.splits_file and not self.folds and self.n_seeds == 1
 
 
 def run_names(splits: Splits) -> list[str]:
@@ -140,20 +167,20 @@ def load_or_make_splits(ids: Sequence[str], labels: Sequence[str], groups: Seque
     The one place probe, finetune and leaks get splits from; callers check them against their own items.
     """
     if spec.splits_file:
-        if spec.folds or spec.seeds > 1:
+        if spec.folds or spec.n_seeds > 1:
             raise EmbedkitError("--splits fixes the runs; leave out --seeds and --folds when reusing a splits file")
         splits = Splits.load(spec.splits_file)
         return splits, run_names(splits)
     folds, names, meta = [], [], {}
-    for i in range(spec.seeds):
+    for i in range(spec.n_seeds):
         sp = make_splits(ids, labels, groups, test_size=spec.test_size, val_size=spec.val_size, folds=spec.folds,
                          seed=spec.seed + i, group_by=group_by)
         meta = sp.meta
         for j, f in enumerate(sp.folds):
             folds.append(f)
-            names.append("-".join(([f"seed{spec.seed + i}"] if spec.seeds > 1 or not spec.folds else [])
+            names.append("-".join(([f"seed{spec.seed + i}"] if spec.n_seeds > 1 or not spec.folds else [])
                                   + ([f"fold{j}"] if spec.folds else [])))
-    meta = {**meta, "seeds": spec.seeds, "runs": names}
+    meta = {**meta, "seeds": spec.n_seeds, "runs": names}
     return Splits(folds, group_by=group_by, seed=spec.seed, meta=meta), names
 
 

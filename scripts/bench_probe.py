@@ -1,10 +1,15 @@
 #!/usr/bin/env python
 """Benchmark `embedkit probe`: accuracy on real MitoCheck cells against a plain reference, and scale.
 
-Part 1 (needs ../shared/data/mitocheck): the 3,277 cells are embedded once with efficientnet_lite0
-(cached under bench/), then every head is fitted on group splits (plate + position). In the same run, the
-plain reference: standardised features and scikit-learn LogisticRegression(C=0.1, class_weight='balanced')
+Part 1 (needs ../shared/data/mitocheck, or --data): the 3,277 cells are embedded once with efficientnet_lite0
+(cached under bench/), then every head is fitted on 5 repeated group splits (plate + position) with the
+baselines on the same splits (random-init lite0, handcrafted features, prior): each row's mean and CI, and
+the paired differences encoder - baseline (group-paired bootstrap, Holm). In the same run, the plain
+reference on run 0: standardised features and scikit-learn LogisticRegression(C=0.1, class_weight='balanced')
 on the same train part, scored on the same test part. Target: the best head is at least as good.
+
+SVM speed part (--svm-rows, default 5,000 x 1,280 synthetic features): the SVM head's whole C search,
+timed for this code and, with --svm-before DIR, for an earlier checkout in the same run.
 
 Part 2 (synthetic, always runs unless --skip-scale): a store of N x D float16 clustered embeddings
 (default 1,000,000 x 768). `embedkit probe --heads logreg` runs in a child process whose peak RSS is
@@ -45,13 +50,14 @@ def child(cmd: list[str], env: dict | None = None) -> dict:
 # --------------------------------------------------------------------------- part 1: MitoCheck
 
 
-def mitocheck(data: Path, bench: Path, device: str) -> dict:
+def mitocheck(data: Path, bench: Path, device: str, heads_wanted: tuple[str, ...], seeds: int) -> dict:
     from embedkit.embed import embed
     from embedkit.encoders import create_encoder
     from embedkit.metrics import classification_metrics, group_bootstrap, paired_bootstrap
     from embedkit.probe import HeadOptions, ProbeSettings, run_probe, summary_table
     from embedkit.probe.data import load_probe_data
     from embedkit.sources import discover
+    from embedkit.splits import SplitSpec
     from embedkit.store import Store
 
     store = bench / "mitocheck_lite0.h5"
@@ -61,16 +67,25 @@ def mitocheck(data: Path, bench: Path, device: str) -> dict:
     embed_seconds = time.perf_counter() - t0
     print(f"store {store}: {res.n_embedded} newly embedded, {res.n_resumed} cached", file=sys.stderr)
 
+    t0 = time.perf_counter()
     report = run_probe(store, bench / "probe_mitocheck", settings=ProbeSettings(
-        heads=("logreg", "svm", "knn"), head_options=HeadOptions(device=device)), progress=True)
-    print(summary_table(report), file=sys.stderr)
-    heads = {}
-    for r in report.results:
-        rec = r.record
-        heads[r.head] = {"balanced_accuracy": rec["metrics"]["balanced_accuracy"],
-                         "ci": rec["ci"]["balanced_accuracy"], "macro_f1": rec["metrics"]["macro_f1"],
-                         "auroc": rec["metrics"]["auroc"], "fit_seconds": rec["fit_seconds"],
-                         "hyperparameters": rec["hyperparameters"]}
+        heads=heads_wanted, head_options=HeadOptions(device=device), split=SplitSpec(seeds=seeds)), progress=True)
+    probe_seconds = time.perf_counter() - t0
+    from embedkit.probe.evaluate import baseline_lines, summary_header
+
+    print(summary_header(report), summary_table(report), *baseline_lines(report), sep="\n", file=sys.stderr)
+
+    def row(rec: dict) -> dict:
+        return {"balanced_accuracy": rec["metrics"]["balanced_accuracy"], "ci": rec["ci"]["balanced_accuracy"],
+                "sd_over_runs": rec["across_runs"]["balanced_accuracy"]["sd"], "macro_f1": rec["metrics"]["macro_f1"],
+                "auroc": rec["metrics"]["auroc"], "fit_seconds": rec["fit_seconds"],
+                "hyperparameters_per_run": rec.get("hyperparameters_per_run")}
+
+    heads = {r.head: row(r.record) for r in report.results}
+    anchoring = report.anchoring
+    baselines = {b.name: row(b.record) for b in anchoring.rows} if anchoring else {}
+    paired = [{k: c[k] for k in ("encoder", "baseline", "diff", "ci", "p", "p_holm", "n_items", "test")}
+              for c in (anchoring.comparisons if anchoring else [])]
 
     # the plain reference on exactly the same items
     from sklearn.linear_model import LogisticRegression
@@ -99,15 +114,74 @@ def mitocheck(data: Path, bench: Path, device: str) -> dict:
     best = max(heads, key=lambda h: heads[h]["balanced_accuracy"])
     import pandas as pd
 
-    pred = pd.read_csv(bench / "probe_mitocheck" / best / "predictions.csv", keep_default_na=False).set_index("id")
+    run0 = report.run_names[0]
+    pred = pd.read_csv(bench / "probe_mitocheck" / best / "predictions.csv", keep_default_na=False, dtype={"run": str})
+    pred = pred[pred["run"] == run0].set_index("id")
     p_best = pred.loc[list(fold.test), [f"p_{c}" for c in classes]].to_numpy()
-    paired = paired_bootstrap(y[te], p_ref.argmax(1), p_best.argmax(1), groups, len(classes))
+    vs_reference = paired_bootstrap(y[te], p_ref.argmax(1), p_best.argmax(1), groups, len(classes))
+    best_run0 = next(r for r in report.results if r.head == best).record["runs"][run0]["balanced_accuracy"]
     return {"store": str(store), "embed_seconds_this_run": round(embed_seconds, 1), "n_items": int(len(data_.ids)),
             "n_classes": len(classes), "n_groups": int(len(set(data_.groups))), "n_test": int(len(te)),
             "n_test_groups": int(len(set(groups))), "splits_fingerprint": report.splits.fingerprint(),
-            "heads": heads, "reference": reference, "best_head": best,
-            "best_minus_reference": paired,
-            "target_best_at_least_reference": heads[best]["balanced_accuracy"] >= reference["balanced_accuracy"]}
+            "runs": report.run_names, "probe_seconds_with_baselines": round(probe_seconds, 1),
+            "ci_method": report.results[0].record.get("ci_method"),
+            "heads": heads, "baselines": baselines, "paired_differences": paired,
+            "best_layer_vs_last": "not measured: embed --layers is not implemented yet",
+            "reference_on_run0": reference, "best_head": best,
+            "best_minus_reference_on_run0": vs_reference,
+            "target_best_at_least_reference_on_run0": best_run0 >= reference["balanced_accuracy"]}
+
+
+# --------------------------------------------------------------------------- SVM speed
+
+CHILD_SVM = """
+import json, sys, time, numpy as np
+from embedkit.probe.features import Preprocessor
+from embedkit.probe.heads import FitInput, HeadOptions, fit_head
+n, d, k, impl = int(sys.argv[1]), int(sys.argv[2]), 10, sys.argv[3]
+rng = np.random.default_rng(0); y = rng.integers(0, k, n)
+x = rng.normal(size=(k, d)).astype(np.float32)[y] * 0.08 + rng.normal(size=(n, d)).astype(np.float32)
+tr, va = np.arange(int(n * 0.8)), np.arange(int(n * 0.8), n)
+grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100, 1e3, 1e4, 1e5)
+t, cpu = time.perf_counter(), time.process_time()
+if impl == "sklearn":
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    sc = StandardScaler().fit(x[tr]); best = (-1, None); conv = 0
+    import warnings
+    for c in grid:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m = LinearSVC(C=c, max_iter=1000).fit(sc.transform(x[tr]), y[tr])
+        conv += not any("converge" in str(v.message) for v in w)
+        acc = float((m.predict(sc.transform(x[va])) == y[va]).mean()); best = max(best, (acc, c))
+    out = {"val_accuracy": best[0], "C": best[1], "converged": conv}
+else:
+    pre = Preprocessor().fit(x, tr)
+    fi = FitInput(x=x, y=y, train=tr, train_weight=None, val=va, classes=[str(i) for i in range(k)])
+    p = fit_head("svm", fi, pre, HeadOptions(c_grid=grid, device="cpu"))
+    out = {"val_balanced_accuracy": max(r["val_balanced_accuracy"] for r in p.params["search"]), "C": p.params["C"],
+           "converged": sum(bool(r["converged"]) for r in p.params["search"]),
+           "iterations": sum(r["iterations"] for r in p.params["search"])}
+print("JSON " + json.dumps({"seconds": round(time.perf_counter() - t, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+                            "grid": len(grid), **out}))
+"""
+
+
+def svm_speed(n: int, dim: int, before: str | None, with_sklearn: bool) -> dict:
+    """The SVM head's whole 12-value C search on N x D synthetic features: this code, an earlier checkout, LinearSVC."""
+    runs = {"after": str(ROOT)} | ({"before": before} if before else {})
+    out: dict = {"rows": n, "dim": dim, "classes": 10, "train_val": "80/20"}
+    for name, code in list(runs.items()) + ([("sklearn_linearsvc", str(ROOT))] if with_sklearn else []):
+        r = child([sys.executable, "-c", CHILD_SVM, str(n), str(dim), "sklearn" if name.startswith("sklearn") else "embedkit"],
+                  env={"PYTHONPATH": code})
+        line = next((ln for ln in r["output_tail"].splitlines() if ln.startswith("JSON ")), None)
+        out[name] = json.loads(line[5:]) if line else {"returncode": r["returncode"], "output_tail": r["output_tail"]}
+        out[name]["code"] = code
+    if "before" in out and "seconds" in out["before"]:
+        out["speedup_after_vs_before"] = round(out["before"]["seconds"] / out["after"]["seconds"], 2)
+        out["cpu_speedup_after_vs_before"] = round(out["before"]["cpu_seconds"] / out["after"]["cpu_seconds"], 2)
+    return out
 
 
 # --------------------------------------------------------------------------- part 2: scale
@@ -221,7 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-iter", type=int, default=300)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-mitocheck", action="store_true")
+    ap.add_argument("--heads", default="logreg,svm,knn", help="heads of the MitoCheck part")
+    ap.add_argument("--seeds", type=int, default=5, help="repeated grouped splits of the MitoCheck part")
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--svm-rows", type=int, default=5000, help="rows of the SVM speed part (0 skips it)")
+    ap.add_argument("--svm-dim", type=int, default=1280)
+    ap.add_argument("--svm-before", help="a checkout of an earlier embedkit to time the same SVM search against")
+    ap.add_argument("--svm-sklearn", action="store_true", help="also time scikit-learn's LinearSVC over the same grid")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bench = Path(args.out).resolve().parent
@@ -234,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_probe: {data / 'mitocheck'} not found; skipping the MitoCheck part", file=sys.stderr)
         result["mitocheck"] = f"skipped: {data / 'mitocheck'} not found"
     else:
-        result["mitocheck"] = mitocheck(data, bench, args.device)
+        result["mitocheck"] = mitocheck(data, bench, args.device, tuple(args.heads.split(",")), args.seeds)
+    if args.svm_rows:
+        result["svm_speed"] = svm_speed(args.svm_rows, args.svm_dim, args.svm_before, args.svm_sklearn)
     if args.skip_scale:
         result["scale"] = "skipped (--skip-scale)"
     else:

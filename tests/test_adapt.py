@@ -205,7 +205,7 @@ def test_adapted_encoder_embeds_and_compares_with_the_frozen_one(adapted, cells,
     # Probes of both keys on the same splits pair up, item for item, in compare.
     for key in ("frozen", "adapted"):
         run_probe(store, tmp_path / key, key=key, splits_path=str(cells["splits"]),
-                  settings=ProbeSettings(heads="knn", n_boot=100), progress=False)
+                  settings=ProbeSettings(heads="knn", n_boot=100, baselines=()), progress=False)
     rep = compare_results([tmp_path / "frozen" / "knn", tmp_path / "adapted" / "knn"], out=tmp_path / "cmp", n_boot=100)
     assert not rep.warnings and len(rep.rows) == 2
     assert rep.pairs[0]["n_paired"] == len(cells["test"]) and "ci" in rep.pairs[0]

@@ -63,7 +63,7 @@ def test_self_test_catches_planted_preprocessing_bugs():
 @pytest.fixture(scope="module")
 def anchored(lite0_store_ro, tmp_path_factory):
     out = tmp_path_factory.mktemp("anchored") / "res"
-    proc = run_cli("probe", lite0_store_ro, "--heads", "logreg", "--out", out, "--quiet")
+    proc = run_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
     return out, proc.stdout
 
 
@@ -91,5 +91,5 @@ def test_baselines_appear_in_compare(anchored, tmp_path):
 
 
 def test_no_baselines_flag(lite0_store_ro, tmp_path):
-    proc = run_cli("probe", lite0_store_ro, "--heads", "knn", "--no-baselines", "--out", tmp_path / "r", "--quiet")
+    proc = run_cli("probe", lite0_store_ro, "--heads", "knn", "--seeds", "1", "--no-baselines", "--out", tmp_path / "r", "--quiet")
     assert "baseline random-init" not in proc.stdout and "beat" not in proc.stdout and not (tmp_path / "r" / "baselines").exists()

@@ -92,7 +92,7 @@ def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_pa
 
 def test_misclassified_selection_on_real_cells(lite0_store_ro, tmp_path, capsys):
     results = tmp_path / "results"
-    run_main("probe", lite0_store_ro, "--heads", "logreg", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
+    run_main("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
     out = tmp_path / "cams"
     code, _, err = cli(capsys, "explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified",
                        "--n", "3", "--out", out)

@@ -34,7 +34,7 @@ def _history(out: Path) -> dict:
 def probe_results(lite0_store_ro, tmp_path_factory) -> Path:
     """A real 'embedkit probe' run on the sample store: OUT/splits.json and the OUT/logreg result folder."""
     out = tmp_path_factory.mktemp("results")
-    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--out", out, "--quiet")
+    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
     return out
 
 

@@ -23,7 +23,8 @@ FAST = HeadOptions(c_grid=(1e-3, 1e-2, 0.1, 1.0), k_grid=(1, 5, 20), max_iter=10
 
 
 def settings(**kw) -> ProbeSettings:
-    return ProbeSettings(**{"heads": ("logreg", "svm", "knn"), "head_options": FAST, "n_boot": 200, **kw})
+    return ProbeSettings(**{"heads": ("logreg", "svm", "knn"), "head_options": FAST, "n_boot": 200, "baselines": (),
+                            "split": SplitSpec(seeds=1), **kw})
 
 
 def edit_items(path, **columns) -> None:

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 from embedkit.errors import EmbedkitError
 from embedkit.probe import HeadOptions, ProbeSettings, run_probe
+from embedkit.splits import SplitSpec
 from embedkit.probe.proportions import adjusted_count, estimate_proportions
 from embedkit.store import Store, transaction, write_lock
 
@@ -35,7 +36,7 @@ def test_mixed_populations_from_held_out_cells(lite0_store, tmp_path):
     with write_lock(lite0_store), transaction(lite0_store) as f:
         f["items"]["label"][:] = binary
     rep = run_probe(lite0_store, tmp_path / "probe", progress=False,
-                    settings=ProbeSettings(heads=("logreg", "knn"), n_boot=200,
+                    settings=ProbeSettings(heads=("logreg", "knn"), n_boot=200, baselines=(), split=SplitSpec(seeds=1),
                                            head_options=HeadOptions(c_grid=(1e-3, 1e-2, 0.1, 1.0))))
     held_out = rep.splits.folds[0].test  # never seen in training nor in choosing C, k or the calibration
     label_of = dict(zip(Store(lite0_store).ids, binary))

@@ -29,7 +29,7 @@ def study(lite0_store_ro, tmp_path_factory) -> dict:
     """Two probes on the real MitoCheck lite0 store, a CAM folder from one of them, and the report's HTML."""
     root = tmp_path_factory.mktemp("study")
     results = root / "results"
-    _main("probe", lite0_store_ro, "--heads", "logreg,knn", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
+    _main("probe", lite0_store_ro, "--heads", "logreg,knn", "--seeds", "1", "--C", "1e-3,1e-2", "--n-boot", "100", "--out", results, "--quiet")
     _main("explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified", "--n", "2",
           "--out", root / "cams")
     out = root / "report.html"

@@ -16,7 +16,7 @@ state: {out}/run_state.json
 stages:
   - name: probe
     command: probe
-    options: {{store: {lite0_store}, heads: knn, out: {out}, n_boot: 100, quiet: true}}
+    options: {{store: {lite0_store}, heads: knn, seeds: 1, out: {out}, n_boot: 100, quiet: true}}
   - name: map
     command: view
     options: {{store: {lite0_store}, method: pca, out: {out}/pca.png, quiet: true}}
@@ -37,7 +37,7 @@ stages:
 
 def test_config_file_gives_defaults_and_flags_win(lite0_store, tmp_path):
     cfg = tmp_path / "probe.yaml"
-    cfg.write_text("heads: logreg\nn-boot: 100\nquiet: true\nout: %s\n" % (tmp_path / "a"))
+    cfg.write_text("heads: logreg\nseeds: 1\nn-boot: 100\nquiet: true\nout: %s\n" % (tmp_path / "a"))
     run_cli("probe", lite0_store, "--config", cfg, "--heads", "knn")
     assert (tmp_path / "a" / "knn").is_dir() and not (tmp_path / "a" / "logreg").exists()
 

@@ -33,7 +33,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--test-size", default=0.2, show_default=True, type=float, help="Fraction of groups held out for test.")
 @click.option("--val-size", default=0.2, show_default=True, type=float, help="Fraction of groups for choosing hyper-parameters.")
 @click.option("--folds", type=click.IntRange(2), help="Stratified group K-fold: every group is tested once.")
-@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="Repeat with N different splits (mean ± sd).")
+@click.option("--seeds", type=click.IntRange(1), help="Repeat with N different grouped splits; the mean is reported with a "
+              "CI holding split and group variance [default: 5; 1 with --folds or --splits]. --seeds 1 is a quick look.")
 @click.option("--seed", default=0, show_default=True, type=int, help="First random seed.")
 @click.option("--classes", help="Probe only these classes (comma list); other labelled items are left out.")
 @balance_option("Class imbalance: class weights, random over-/under-sampling of train, or none.")
@@ -50,9 +51,11 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for CIs.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Score random-init, handcrafted and prior baselines on the same splits (missing keys are computed).")
+@click.option("--refit", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
+              help="trainval: after choosing hyper-parameters on validation, refit on train + validation before the test.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
-          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, quiet):
+          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, refit, quiet):
     """Fit linear, SVM and kNN probes on stored embeddings and report test metrics with 95% CIs.
 
     \b
@@ -79,7 +82,7 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
                              pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
                              classes=[c.strip() for c in classes.split(",")] if classes else None,
-                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else ())
+                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else (), refit=refit)
     s = Store(store)
     if out is None:
         out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")

@@ -26,16 +26,18 @@ def grid_edge_notes(head: str, record: dict) -> list[str]:
 
 
 def convergence_notes(head: str, record: dict) -> list[str]:
-    """A note naming the values of C whose L-BFGS fit stopped at --max-iter without converging."""
-    search = record.get("validation_search") or []
-    bad = [s for s in search if isinstance(s, dict) and s.get("converged") is False]
-    if not bad:
+    """A note naming the values of C whose L-BFGS fit stopped at --max-iter without converging, in any run."""
+    per_run = record.get("hyperparameters_per_run") or []
+    bad_c = sorted({c for run in per_run for c in run.get("not_converged_C", [])})
+    if not bad_c:
+        bad_c = sorted({s.get("C") for s in record.get("validation_search") or []
+                        if isinstance(s, dict) and s.get("converged") is False})
+    chosen_bad = sum(1 for run in per_run if run.get("converged") is False)
+    if not bad_c and not chosen_bad:
         return []
-    chosen = record.get("hyperparameters", {}).get("C")
-    hit = any(s.get("C") == chosen for s in bad)
-    values = ", ".join(f"{s.get('C'):g}" for s in bad)
-    return [f"{head}: did NOT converge within --max-iter for C={values}"
-            + (" (including the chosen C)" if hit else "") + "; raise --max-iter"]
+    values = ", ".join(f"{c:g}" for c in bad_c)
+    hit = f" (the chosen C in {chosen_bad} of {len(per_run)} runs)" if chosen_bad else ""
+    return [f"{head}: did NOT converge within --max-iter for C={values}{hit}; raise --max-iter"]
 
 
 def search_notes(results: Sequence) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_write_text
+from ..baselines import BASELINES
 from ..errors import EmbedkitError
 from ..items import as_store
 from ..results import predictions_frame, write_results
@@ -31,6 +32,10 @@ from .saved import HEADS, Probe
 
 if TYPE_CHECKING:
     from ..baselines.anchoring import Anchoring
+
+
+DEFAULT_SEEDS = 5  # probe's repeated grouped splits when neither --seeds, --folds nor --splits says otherwise
+REFITS = ("train", "trainval")
 
 
 def parse_heads(spec: str | Sequence[str]) -> list[str]:
@@ -63,7 +68,8 @@ class ProbeSettings:
     classes: Sequence[str] | None = None
     head_options: HeadOptions = field(default_factory=HeadOptions)
     n_boot: int = 1000
-    baselines: Sequence[str] = ()  # random-init, handcrafted, prior (embedkit.baselines); the CLI asks for all
+    baselines: Sequence[str] = BASELINES  # random-init, handcrafted, prior (embedkit.baselines), as the CLI
+    refit: str = "train"  # "trainval": refit on train + val with the chosen hyper-parameters before the test
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(standardise=self.standardise, l2=self.l2, pca_whiten=self.pca_whiten, pca_dim=self.pca_dim)
@@ -179,6 +185,9 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     s = replace(s, balance=normalise_balance(s.balance))
     if splits_path:
         s = replace(s, split=replace(s.split, splits_file=str(splits_path)))
+    s = replace(s, split=s.split.repeated(DEFAULT_SEEDS))
+    if s.refit not in REFITS:
+        raise EmbedkitError(f"unknown refit {s.refit!r}; choose from {', '.join(REFITS)}")
     data = load_probe_data(as_store(store), key, group_by)
     notes = list(data.notes)
     classes, use, class_notes = _classes(data, s.classes)
@@ -254,8 +263,10 @@ def _run_heads(r: int, name: str, fold: Fold, train: np.ndarray, val: np.ndarray
         bar.set_description(f"{head} {name}")
         t0 = time.perf_counter()
         probe = fit_head(head, fit_input, pre, s.head_options, progress=bar.set_postfix_str)
+        if s.refit == "trainval":
+            probe = _refit_trainval(head, probe, x, y, train, val, classes, s, rng)
         fit_seconds = time.perf_counter() - t0 + pre_seconds
-        _stamp(probe, data, splits, name, s, len(train), fold.val)
+        _stamp(probe, data, splits, name, s, len(train) + (len(val) if s.refit == "trainval" else 0), fold.val)
         targets = np.concatenate([test, unlabelled])
         t0 = time.perf_counter()
         proba = probe.predict_proba(x, targets)
@@ -272,6 +283,28 @@ def _run_heads(r: int, name: str, fold: Fold, train: np.ndarray, val: np.ndarray
         bar.update(1)
 
 
+def _refit_trainval(head: str, chosen: Probe, x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray,
+                    classes: list[str], s: ProbeSettings, rng: np.random.Generator) -> Probe:
+    """Refit ``head`` on train + val with the hyper-parameters chosen on val (DINOv2's protocol), before the test.
+
+    The calibration temperature and the validation record stay those of the selection fit: val is training data now.
+    """
+    both = np.concatenate([train, val])
+    pre = s.preprocessor().fit(x, both)
+    pos, weight = balance(y[both], s.balance, rng)
+    fixed = {"k_grid": (int(chosen.params["k"]),)} if head == "knn" else {"c_grid": (float(chosen.params["C"]),)}
+    fit = FitInput(x=x, y=y, train=both[pos], train_weight=weight, val=val, classes=classes,
+                   class_vote_weight=class_vote_weights(y[both], len(classes), s.balance))
+    probe = fit_head(head, fit, pre, replace(s.head_options, **fixed))
+    refit_search = probe.params.get("search") or []
+    probe.calibration = chosen.calibration
+    probe.validation = chosen.validation
+    probe.arrays.update({k: chosen.arrays[k] for k in ("val_proba", "val_labels")})
+    probe.params.update({"search": chosen.params.get("search"), "refit": "train+val",
+                         "refit_converged": all(r.get("converged", True) for r in refit_search)})
+    return probe
+
+
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -284,6 +317,10 @@ def _chosen(probe: Probe) -> dict:
     out = {"C": float(probe.params["C"])}
     if probe.calibration.get("method") == "temperature":
         out["temperature"] = float(probe.calibration["temperature"])
+    search = probe.params.get("search") or []
+    out["converged"] = all(r.get("converged", True) for r in search if r.get("C") == out["C"]) \
+        and probe.params.get("refit_converged", True)
+    out["not_converged_C"] = [float(r["C"]) for r in search if r.get("converged") is False]
     return out
 
 
@@ -325,6 +362,8 @@ def _info(data: ProbeData, head: str, splits: Splits, h: dict, s: ProbeSettings,
         "validation_search": probe.params.get("search"),
         "preprocessing": s.preprocessor().flags,
         "balance": s.balance,
+        "refit": "train+val" if s.refit == "trainval" else "train only",
+        "single_split_quick_look": s.split.single_quick_look,
         "calibration": probe.calibration,
         "device": str(solver_device(opts.device)) if head != "knn" else "faiss",
         "saved_probe": "probe (fitted on run " + names[0] + ")",
@@ -339,13 +378,15 @@ def _chosen_text(r: HeadResult) -> str:
     key = "k" if r.head == "knn" else "C"
     values = sorted({run[key] for run in per_run})
     shown = ",".join(f"{v:g}" for v in values[:4]) + ("..." if len(values) > 4 else "")
-    return f"{key}={shown}"
+    bad = sum(1 for run in per_run if run.get("converged") is False)
+    return f"{key}={shown}" + (f" NOT CONVERGED ({bad}/{len(per_run)} runs)" if bad else "")
 
 
 def summary_rows(report: ProbeReport) -> list[list[str]]:
     """Header plus one row per head; a mean ± sd column appears when there are several runs."""
     several = len(report.run_names) > 1
-    rows = [["head", "balanced acc [95% CI]"] + (["mean ± sd over runs"] if several else [])
+    first = "balanced acc, mean of runs [95% CI]" if several else "balanced acc [95% CI]"
+    rows = [["head", first] + (["sd over runs"] if several else [])
             + ["macro-F1", "AUROC", "chosen", "fit s", "items/s"]]
     named = [(r.head, r.record, _chosen_text(r)) for r in report.results]
     if report.anchoring:
@@ -355,7 +396,7 @@ def summary_rows(report: ProbeReport) -> list[list[str]]:
         m, ci, ar = rec["metrics"], rec["ci"], rec["across_runs"]
         bci = ci.get("balanced_accuracy", [float("nan")] * 2)
         rows.append([name, f"{m['balanced_accuracy']:.3f} [{bci[0]:.3f}, {bci[1]:.3f}]"]
-                    + ([f"{ar['balanced_accuracy']['mean']:.3f} ± {ar['balanced_accuracy']['sd']:.3f}"] if several else [])
+                    + ([f"± {ar['balanced_accuracy']['sd']:.3f}"] if several else [])
                     + [f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}", chosen, f"{rec['fit_seconds']:.2f}",
                        f"{rec['predict_items_per_second'] or 0:,.0f}"])
     return rows
@@ -386,10 +427,14 @@ def summary_header(report: ProbeReport) -> str:
     first = report.results[0].record if report.results else {}
     n_lab = len(set(i for f in report.splits.folds for p in PARTS for i in f.part(p)))
     runs = len(report.run_names)
-    tested = f"test {first.get('metrics', {}).get('n', 0)} items" + (f" pooled over {runs} runs" if runs > 1 else "")
-    return (f"probe {d.key} on {d.store_path}: {n_lab} labelled items in {len(report.classes)} classes, groups by "
-            f"{d.group_by!r}; {tested}, from {first.get('n_test_groups', 0)} groups; "
-            f"95% CIs resample whole test groups")
+    tested = f"test {first.get('metrics', {}).get('n', 0)} items" + (f" over {runs} runs" if runs > 1 else "")
+    how = (f"mean of {runs} runs; 95% CIs resample whole test groups within each run, pooled over runs (split-to-split "
+           f"and group variance)") if runs > 1 else "95% CIs resample whole test groups"
+    quick = ("SINGLE-SPLIT QUICK LOOK (--seeds 1): one split can mislead; drop --seeds 1 for 5 repeated splits. "
+             if first.get("single_split_quick_look") else "")
+    refit = "; refit on train+val before the test" if first.get("refit") == "train+val" else ""
+    return (f"{quick}probe {d.key} on {d.store_path}: {n_lab} labelled items in {len(report.classes)} classes, groups by "
+            f"{d.group_by!r}; {tested}, from {first.get('n_test_groups', 0)} groups; {how}{refit}")
 
 
 def summary_table(report: ProbeReport) -> str:
