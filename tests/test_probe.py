@@ -28,6 +28,7 @@ def demo(lite0_store_ro, tmp_path_factory):
 
 def test_demo_prints_table_and_writes_every_result_file(demo):
     out, stdout = demo
+    assert "leak check" not in stdout  # movie groups of several cells each look safe: no automatic check
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("head"))
     assert [line.split()[0] for line in lines[header + 1:header + 4]] == list(HEADS)
@@ -119,3 +120,14 @@ def test_bad_input_gets_one_clear_line(lite0_store_ro, tmp_path):
     assert not (tmp_path / "o").exists()
     proc = run_cli("predict", lite0_store_ro, "--probe", tmp_path, "--out", tmp_path / "p.csv", check=False)
     assert proc.returncode == 2 and "not a saved probe" in proc.stderr
+
+
+def test_unsafe_groups_trigger_the_automatic_leak_check(lite0_store_ro, tmp_path):
+    """Every file its own group is the grouping that hides copies: probe checks a sample and says what it found."""
+    args = ("probe", lite0_store_ro, "--encoder", "efficientnet_lite0", "--heads", "logreg", "--seeds", "1",
+            "--no-baselines", "--group-by", "file", "--quiet")
+    checked = run_cli(*args, "--out", tmp_path / "a").stdout
+    line = next(x for x in checked.splitlines() if x.startswith("leak check (every item is its own group)"))
+    assert "test items" in line and ("clean" in line or "LEAK" in line)
+    assert line in (tmp_path / "a" / "summary.md").read_text()
+    assert "leak check" not in run_cli(*args, "--no-leak-check", "--out", tmp_path / "b").stdout

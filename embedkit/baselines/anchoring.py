@@ -79,7 +79,7 @@ def score_baselines(report, settings, names: Sequence[str], group_by: str | None
             record = write_results(folder, prior_frame(report), report.classes, info, n_boot=settings.n_boot,
                                    title="baseline: prior")
         else:
-            sub = replace(settings, heads=[BASELINE_HEAD], baselines=(), split=replace(settings.split, seeds=1, folds=None))
+            sub = replace(settings, heads=[BASELINE_HEAD], baselines=(), leak_check=False, split=replace(settings.split, seeds=1, folds=None))
             rep = run_probe(data.store, folder, key=keys[name], group_by=group_by, splits_path=str(report.out / "splits.json"),
                             settings=sub, progress=progress)
             notes += [f"baseline {name}: {n}" for n in rep.notes if n not in report.notes]

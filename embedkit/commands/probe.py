@@ -27,7 +27,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--heads", default="all", show_default=True, help="Comma list of logreg, svm, knn; or all.")
 @click.option("--out", type=click.Path(file_okay=False), help="Result folder [default: results/<store>-<key>].")
 @click.option("--group-by", help="Group rule for splits: an item column, a preset (mitocheck, parent, file) or a regex "
-                                 "over paths [default: the store's group column].")
+                                 "over paths, or leaks:FILE (the grouping 'embedkit leaks --suggest-groups FILE' wrote) "
+                                 "[default: the store's group column].")
 @click.option("--splits", "splits_path", type=click.Path(exists=True, dir_okay=False),
               help="Reuse a splits.json (from an earlier probe of any encoder) instead of making new splits.")
 @click.option("--test-size", default=0.2, show_default=True, type=float, help="Fraction of groups held out for test.")
@@ -51,11 +52,14 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(100), help="Bootstrap replicates for CIs.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Score random-init, handcrafted and prior baselines on the same splits (missing keys are computed).")
+@click.option("--leak-check/--no-leak-check", default=True, show_default=True,
+              help="When the groups look unsafe (no group column, one item per group, or mostly single-item groups), "
+                   "check a sample of test items for copies in train/val and print the verdict.")
 @click.option("--refit", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="trainval: after choosing hyper-parameters on validation, refit on train + validation before the test.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
-          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, refit, quiet):
+          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, refit, leak_check, quiet):
     """Fit linear, SVM and kNN probes on stored embeddings and report test metrics with 95% CIs.
 
     \b
@@ -82,7 +86,8 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     settings = ProbeSettings(heads=heads, balance=balance, standardise=standardise, l2=l2, pca_whiten=pca_whiten,
                              pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
                              classes=[c.strip() for c in classes.split(",")] if classes else None,
-                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else (), refit=refit)
+                             head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else (), refit=refit,
+                             leak_check=leak_check)
     s = Store(store)
     if out is None:
         out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")
@@ -94,6 +99,8 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     click.echo(summary_table(report))
     for line in baseline_lines(report):
         click.echo(line)
+    if report.leak_check:
+        click.echo(report.leak_check)
     click.echo(f"results in {report.out}/ (splits: {report.out / 'splits.json'}, probes: {report.out}/<head>/probe)")
 
 

@@ -70,6 +70,7 @@ class ProbeSettings:
     n_boot: int = 1000
     baselines: Sequence[str] = BASELINES  # random-init, handcrafted, prior (embedkit.baselines), as the CLI
     refit: str = "train"  # "trainval": refit on train + val with the chosen hyper-parameters before the test
+    leak_check: bool = True  # when the groups look unsafe, a bounded copy check (embedkit.leaks.auto_leak_check)
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(standardise=self.standardise, l2=self.l2, pca_whiten=self.pca_whiten, pca_dim=self.pca_dim)
@@ -93,6 +94,7 @@ class ProbeReport:
     notes: list[str]
     out: Path
     anchoring: "Anchoring | None" = None  # baseline rows and paired differences (embedkit.baselines.anchoring)
+    leak_check: str = ""  # the automatic leak check's verdict line; '' when the grouping looked safe or it was off
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -200,6 +202,7 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     groups_of_class = {c: len(set(data.groups[use & (data.labels == c)])) for c in classes}
     _check_classes_in_train(splits, names, label_of, classes, groups_of_class)
     notes += check_splits(splits, dict(zip(data.ids, data.groups)), label_of)
+    leak_line = _leak_check(data, splits, progress) if s.leak_check else ""
     # load only what any run needs: its split items plus the unlabelled items (predicted, never scored)
     pos_of = {i: p for p, i in enumerate(data.ids)}
     needed = sorted({pos_of[i] for f in splits.folds for p in PARTS for i in f.part(p)}
@@ -238,7 +241,8 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
         h["probe"].save(folder / "probe")
         results.append(HeadResult(head=head, folder=folder, record=record, probe=h["probe"]))
     notes += search_notes(results)
-    report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out)
+    report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out,
+                         leak_check=leak_line)
     if s.baselines:
         from ..baselines.anchoring import score_baselines
 
@@ -246,6 +250,14 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
         notes += report.anchoring.notes
     atomic_write_text(out / "summary.md", summary_markdown(report))
     return report
+
+
+def _leak_check(data: ProbeData, splits: Splits, progress: bool) -> str:
+    """The verdict line of the automatic leak check, run only when the groups look unsafe (else '')."""
+    from ..leaks import auto_leak_check
+
+    verdict = auto_leak_check(data.store, data.key, splits, dict(zip(data.ids, data.groups)), progress=progress)
+    return "" if verdict is None else verdict.line
 
 
 def _run_heads(r: int, name: str, fold: Fold, train: np.ndarray, val: np.ndarray, test: np.ndarray,
@@ -452,6 +464,8 @@ def summary_markdown(report: ProbeReport) -> str:
     extra = baseline_lines(report)
     if extra:
         lines += ["", "## Baselines", "", extra[0] + ".", "", "```", extra[1], "```", ""] + [f"- {v}" for v in extra[2:]]
+    if report.leak_check:
+        lines += ["", "## Leak check", "", report.leak_check]
     if report.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
