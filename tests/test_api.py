@@ -54,11 +54,12 @@ def _check(est) -> list[dict]:
         return check_estimator(est, on_fail=None, expected_failed_checks=SKIPPED_CHECKS)
 
 
-@pytest.mark.parametrize("name", ["LogRegProbe", "KNNProbe"])
+@pytest.mark.parametrize("name", ["LogRegProbe", "SVMProbe", "KNNProbe"])
 def test_estimators_pass_check_estimator(name):
     import embedkit as ek
 
-    est = ek.LogRegProbe(max_iter=20, tol=1e-4) if name == "LogRegProbe" else ek.KNNProbe(k=5)
+    est = {"LogRegProbe": lambda: ek.LogRegProbe(max_iter=20, tol=1e-4), "SVMProbe": lambda: ek.SVMProbe(max_iter=20),
+           "KNNProbe": lambda: ek.KNNProbe(k=5)}[name]()
     results = _check(est)
     failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
     assert not failed
