@@ -9,6 +9,7 @@ candidates are verified in the order of their descriptor similarity, and a query
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .prepare import Prepared, canvas, small_canvas
 K = 10
 #: Candidates verified together (one batched coarse search).
 BATCH = 2
+#: Queries per task when verification runs in several processes.
+CHUNK = 25
 
 
 @dataclass(frozen=True)
@@ -155,12 +158,46 @@ def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[flo
     return out
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: What forked verification workers read (set just before the pool is made, so nothing is pickled).
+_WORK: dict = {}
+
+
+def _verify_range(span: tuple[int, int]) -> list[Verified]:
+    """Verify queries ``span[0]:span[1]`` of the job in :data:`_WORK` (in a worker or in this process)."""
+    w = _WORK
+    out: list[Verified] = []
+    for qi in range(*span):
+        q = int(w["queries"][qi])
+        valid = w["nn"][qi] >= 0
+        cands = w["pool"][w["nn"][qi][valid]]
+        keep = cands != q
+        if w["exclude"] is not None:
+            keep &= np.array([not w["exclude"](q, int(c)) for c in cands], dtype=bool)
+        out += _verify_query(w["cat"], q, cands[keep], w["sims"][qi][valid][keep], w["thresholds"], w["max_copies"])
+    return out
+
+
+def _worker_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k: int = K, max_copies: int = 1,
                 thresholds: Thresholds = Thresholds(), exclude: Callable[[int, int], bool] | None = None,
-                progress: bool = False, log: Callable[[str], None] | None = None) -> list[Verified]:
+                progress: bool = False, log: Callable[[str], None] | None = None, workers: int = 1) -> list[Verified]:
     """Verify each query's ``k`` stage-1 candidates in ``pool``; every verified pair (copies and not).
 
-    ``exclude(query, candidate)`` drops candidates before verification (a query itself always is)."""
+    ``exclude(query, candidate)`` drops candidates before verification (a query itself always is). With
+    ``workers`` > 1 the queries are verified in that many forked processes (same result, in query order)."""
     from tqdm.auto import tqdm
 
     queries = np.asarray(queries, dtype=np.int64)
@@ -170,16 +207,29 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
     if not len(queries) or not len(pool):
         return []
     sims, nn = _candidates(cat, queries, pool, k, False, log)
+    _WORK.update(cat=cat, queries=queries, pool=pool, sims=sims, nn=nn, thresholds=thresholds, max_copies=max_copies,
+                 exclude=exclude)
+    workers = max(1, min(int(workers), len(queries) // CHUNK))
+    step = CHUNK if workers > 1 else 1
+    spans = [(a, min(a + step, len(queries))) for a in range(0, len(queries), step)]
+    bar = tqdm(total=len(queries), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     out: list[Verified] = []
-    for qi in tqdm(range(len(queries)), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True):
-        q = int(queries[qi])
-        valid = nn[qi] >= 0
-        cands = pool[nn[qi][valid]]
-        keep = cands != q
-        if exclude is not None:
-            keep &= np.array([not exclude(q, int(c)) for c in cands], dtype=bool)
-        out += _verify_query(cat, q, cands[keep], sims[qi][valid][keep], thresholds, max_copies)
+    try:
+        if workers == 1:
+            for span in spans:
+                out += _verify_range(span)
+                bar.update(span[1] - span[0])
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers, initializer=_worker_init) as procs:
+                for span, part in zip(spans, procs.imap(_verify_range, spans)):
+                    out += part
+                    bar.update(span[1] - span[0])
+    finally:
+        bar.close()
+        _WORK.clear()
     return out
 
 
