@@ -40,7 +40,8 @@ class Thresholds:
     ``(mid >= strict_mid and fine >= fine) or (mid >= mid and flat >= flat)``, over a compared region
     of at least ``min_overlap`` of the query's central disc (two smooth blobs match on a sliver). With
     ``both_ways`` a pair that fails is also tried the other way round (the candidate aligned onto the query
-    can fail where the other succeeds: 61 % of MitoCheck copy pairs pass one way, 70 % either way). ``gate`` values stop
+    can fail where the other succeeds: 61 % of MitoCheck copy pairs pass one way, 70 % either way); only pairs whose
+    coarse correlation reached ``back_gate`` are tried again (below it no copy was found the other way round). ``gate`` values stop
     hopeless candidates early; crops with a side below ``min_side`` pixels hold too little to judge and are
     skipped. Defaults from scripts/bench_leaks.py (docs/leaks.md)."""
 
@@ -53,6 +54,7 @@ class Thresholds:
     min_overlap: float = 0.5
     min_side: int = 12
     both_ways: bool = True
+    back_gate: float = 0.70
 
     def is_copy(self, m: Match) -> bool:
         if m.overlap < self.min_overlap:
@@ -147,7 +149,7 @@ def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[flo
         results = match(query, [cat.prepared(c) for _, c, _ in chunk], coarse_gate=t.coarse_gate, gate=t.gate)
         for (r, c, s), m in zip(chunk, results):
             is_copy = t.is_copy(m)
-            if not is_copy and t.both_ways:  # the candidate's centre may align where the query's did not
+            if not is_copy and t.both_ways and m.coarse >= t.back_gate:  # the candidate's centre may align where the query's did not
                 back = match(Query(cat.prepared(c)), [cat.prepared(q)], coarse_gate=t.coarse_gate, gate=t.gate)[0]
                 if t.is_copy(back):
                     m, is_copy = back, True
