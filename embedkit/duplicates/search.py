@@ -168,29 +168,21 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: What forked verification workers read (set just before the pool is made, so nothing is pickled).
+#: The catalog and rules a verification worker process was given (set by its initializer).
 _WORK: dict = {}
 
 
-def _verify_range(span: tuple[int, int]) -> list[Verified]:
-    """Verify queries ``span[0]:span[1]`` of the job in :data:`_WORK` (in a worker or in this process)."""
-    w = _WORK
-    out: list[Verified] = []
-    for qi in range(*span):
-        q = int(w["queries"][qi])
-        valid = w["nn"][qi] >= 0
-        cands = w["pool"][w["nn"][qi][valid]]
-        keep = cands != q
-        if w["exclude"] is not None:
-            keep &= np.array([not w["exclude"](q, int(c)) for c in cands], dtype=bool)
-        out += _verify_query(w["cat"], q, cands[keep], w["sims"][qi][valid][keep], w["thresholds"], w["max_copies"])
-    return out
-
-
-def _worker_init() -> None:
+def _worker_init(cat: Catalog, thresholds: Thresholds, max_copies: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    _WORK.update(cat=cat, thresholds=thresholds, max_copies=max_copies)
+
+
+def _verify_tasks(tasks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[Verified]:
+    """Verify (query, candidates, similarities) tasks in a worker process."""
+    w = _WORK
+    return [v for q, c, s in tasks for v in _verify_query(w["cat"], q, c, s, w["thresholds"], w["max_copies"])]
 
 
 def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k: int = K, max_copies: int = 1,
@@ -199,7 +191,7 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
     """Verify each query's ``k`` stage-1 candidates in ``pool``; every verified pair (copies and not).
 
     ``exclude(query, candidate)`` drops candidates before verification (a query itself always is). With
-    ``workers`` > 1 the queries are verified in that many forked processes (same result, in query order)."""
+    ``workers`` > 1 the queries are verified in that many fresh (spawned) processes: same pairs, in query order."""
     from tqdm.auto import tqdm
 
     queries = np.asarray(queries, dtype=np.int64)
@@ -209,29 +201,33 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
     if not len(queries) or not len(pool):
         return []
     sims, nn = _candidates(cat, queries, pool, k, False, log)
-    _WORK.update(cat=cat, queries=queries, pool=pool, sims=sims, nn=nn, thresholds=thresholds, max_copies=max_copies,
-                 exclude=exclude)
-    workers = max(1, min(int(workers), len(queries) // CHUNK))
-    step = CHUNK if workers > 1 else 1
-    spans = [(a, min(a + step, len(queries))) for a in range(0, len(queries), step)]
-    bar = tqdm(total=len(queries), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    tasks = []
+    for qi, q in enumerate(queries.tolist()):
+        valid = nn[qi] >= 0
+        cands = pool[nn[qi][valid]]
+        keep = cands != q
+        if exclude is not None:
+            keep &= np.array([not exclude(q, int(c)) for c in cands], dtype=bool)
+        tasks.append((q, cands[keep], sims[qi][valid][keep]))
+    workers = max(1, min(int(workers), len(tasks)))
+    step = max(1, min(CHUNK, -(-len(tasks) // workers)))
+    chunks = [tasks[a:a + step] for a in range(0, len(tasks), step)]
     out: list[Verified] = []
-    try:
+    with tqdm(total=len(tasks), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
         if workers == 1:
-            for span in spans:
-                out += _verify_range(span)
-                bar.update(span[1] - span[0])
-        else:
+            for q, c, s in tasks:
+                out += _verify_query(cat, q, c, s, thresholds, max_copies)
+                bar.update()
+        else:  # spawned, not forked: a fork would inherit OpenCV's and OpenMP's thread pools and can hang
             import multiprocessing as mp
 
-            with mp.get_context("fork").Pool(workers, initializer=_worker_init) as procs:
-                for span, part in zip(spans, procs.imap(_verify_range, spans)):
+            shared = Catalog(cat.canvases, cat.shapes, cat.descriptors[:0])
+            with mp.get_context("spawn").Pool(workers, initializer=_worker_init,
+                                              initargs=(shared, thresholds, max_copies)) as procs:
+                for chunk, part in zip(chunks, procs.imap(_verify_tasks, chunks)):
                     out += part
-                    bar.update(span[1] - span[0])
-    finally:
-        bar.close()
-        _WORK.clear()
+                    bar.update(len(chunk))
     return out
 
 
