@@ -209,7 +209,7 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
         if exclude is not None:
             keep &= np.array([not exclude(q, int(c)) for c in cands], dtype=bool)
         tasks.append((q, cands[keep], sims[qi][valid][keep]))
-    workers = max(1, min(int(workers), len(tasks)))
+    workers = max(1, min(int(workers), -(-len(tasks) // CHUNK)))  # a small job is not worth starting processes for
     step = max(1, min(CHUNK, -(-len(tasks) // workers)))
     chunks = [tasks[a:a + step] for a in range(0, len(tasks), step)]
     out: list[Verified] = []
