@@ -29,7 +29,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .duplicates.search import K, Catalog, Thresholds, Verified, build_catalog, duplicate_pairs, find_copies
+from .duplicates.search import (K, Catalog, Thresholds, Verified, available_cores, build_catalog, duplicate_pairs,
+                                 find_copies)
 from .errors import EmbedkitError
 from .images import Conversion
 from .neighbors import knn, l2_normalize
@@ -276,8 +277,10 @@ def _same_group(groups: np.ndarray, rows: np.ndarray) -> Callable[[int, int], bo
 def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "pixels", threshold: float | None = None,
                folds: Sequence[int] | None = None, k: int = K, max_copies: int = 1,
                against: Sequence[str] = ("train", "val"), thresholds: Thresholds = Thresholds(), progress: bool = False,
-               log: Callable[[str], None] | None = None) -> LeakReport:
-    """Check every test item of each fold against the ``against`` parts and collect confirmed copy pairs."""
+               log: Callable[[str], None] | None = None, workers: int | None = None) -> LeakReport:
+    """Check every test item of each fold against the ``against`` parts and collect confirmed copy pairs.
+
+    Verification runs in ``workers`` processes (default: the cores this process may use)."""
     import pandas as pd
 
     if by not in BY:
@@ -331,7 +334,8 @@ def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "p
         if len(test_rows) and len(seen_rows):
             if by == "pixels":
                 verified = find_copies(cat, [pos[int(r)] for r in test_rows], [pos[int(r)] for r in seen_rows], k=k,
-                                       max_copies=max_copies, thresholds=thresholds, progress=progress, log=log)
+                                       max_copies=max_copies, thresholds=thresholds, progress=progress, log=log,
+                                       workers=available_cores() if workers is None else workers)
                 hits = [(need[v.query], need[v.match], v.result.mid, v.result.fine, v.result.flat) for v in verified if v.copy]
                 if verified:
                     top = max(verified, key=lambda v: v.result.mid)

@@ -60,6 +60,8 @@ def test_augmented_copies_are_found_and_distinct_cells_are_not(cells):
     right = [q for q in queries if q in found and source_of.get(found[q]) == q - n]
     assert len(right) >= 0.65 * len(sources), f"{len(right)} of {len(sources)} copies found"  # 22 of 30 when written
     assert len(right) == len(found), "a copy was matched with another cell"
+    in_two = {v.query: v.match for v in find_copies(cat, queries, pool, workers=2) if v.copy}
+    assert in_two == found  # verification in two processes gives the same pairs
 
     test_movies = set(np.unique(movies)[::4])  # distinct cells, split by movie: every flag would be false
     test = np.flatnonzero(np.isin(movies, list(test_movies)))

@@ -172,7 +172,8 @@ def match(query: Query, cands: list[Prepared], coarse_gate: float = 0.5, gate: f
     """Aligned match of each candidate onto the query, in three steps that each may stop early.
 
     The ``keep`` strongest coarse hypotheses are re-ranked by their band-passed correlation on the small
-    canvases; the best must reach ``coarse_gate``. The ``refine`` best are refined by ECC there and the
+    canvases; the best must reach ``coarse_gate``; the ``TINY_KEEP`` best are refined on tiny canvases and
+    re-ranked. The ``refine`` best are refined by ECC there and the
     best result must reach ``gate``; only then is the detailed alignment made and scored."""
     q = query.prep
     band_q = dog(q.small, *COARSE_BAND)
@@ -190,7 +191,7 @@ def match(query: Query, cands: list[Prepared], coarse_gate: float = 0.5, gate: f
             out.append(Match(coarse, -1.0, 0.0, coarse, coarse))
             continue
         if refine < len(ranked) and TINY_REFINE:
-            ranked = _tiny_rerank(q, cand, ranked)
+            ranked = _tiny_rerank(q, cand, ranked[:TINY_KEEP])
         small, warp = -2.0, None
         for _, w0 in ranked[:refine]:
             w1 = _ecc(q.small, cand.small, w0, central_small, 0.8, 15)
@@ -215,6 +216,9 @@ def match(query: Query, cands: list[Prepared], coarse_gate: float = 0.5, gate: f
 
 TINY_REFINE = True
 TINY = 16
+#: Hypotheses (best by small-canvas correlation) refined on 16-pixel canvases: 12 found no more copies than 4
+#: on the benchmark and cost 40 % more.
+TINY_KEEP = 4
 
 
 def _tiny_rerank(q: Prepared, cand: Prepared, ranked: list) -> list:

@@ -9,6 +9,7 @@ candidates are verified in the order of their descriptor similarity, and a query
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .prepare import Prepared, canvas, small_canvas
 K = 10
 #: Candidates verified together (one batched coarse search).
 BATCH = 2
+#: Queries per task when verification runs in several processes.
+CHUNK = 25
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class Thresholds:
     ``(mid >= strict_mid and fine >= fine) or (mid >= mid and flat >= flat)``, over a compared region
     of at least ``min_overlap`` of the query's central disc (two smooth blobs match on a sliver). With
     ``both_ways`` a pair that fails is also tried the other way round (the candidate aligned onto the query
-    can fail where the other succeeds: 61 % of MitoCheck copy pairs pass one way, 70 % either way). ``gate`` values stop
+    can fail where the other succeeds: 61 % of MitoCheck copy pairs pass one way, 70 % either way); only pairs whose
+    coarse correlation reached ``back_gate`` are tried again (below it no copy was found the other way round). ``gate`` values stop
     hopeless candidates early; crops with a side below ``min_side`` pixels hold too little to judge and are
     skipped. Defaults from scripts/bench_leaks.py (docs/leaks.md)."""
 
@@ -50,6 +54,7 @@ class Thresholds:
     min_overlap: float = 0.5
     min_side: int = 12
     both_ways: bool = True
+    back_gate: float = 0.70
 
     def is_copy(self, m: Match) -> bool:
         if m.overlap < self.min_overlap:
@@ -144,7 +149,7 @@ def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[flo
         results = match(query, [cat.prepared(c) for _, c, _ in chunk], coarse_gate=t.coarse_gate, gate=t.gate)
         for (r, c, s), m in zip(chunk, results):
             is_copy = t.is_copy(m)
-            if not is_copy and t.both_ways:  # the candidate's centre may align where the query's did not
+            if not is_copy and t.both_ways and m.coarse >= t.back_gate:  # the candidate's centre may align where the query's did not
                 back = match(Query(cat.prepared(c)), [cat.prepared(q)], coarse_gate=t.coarse_gate, gate=t.gate)[0]
                 if t.is_copy(back):
                     m, is_copy = back, True
@@ -155,12 +160,38 @@ def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[flo
     return out
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: The catalog and rules a verification worker process was given (set by its initializer).
+_WORK: dict = {}
+
+
+def _worker_init(cat: Catalog, thresholds: Thresholds, max_copies: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORK.update(cat=cat, thresholds=thresholds, max_copies=max_copies)
+
+
+def _verify_tasks(tasks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[Verified]:
+    """Verify (query, candidates, similarities) tasks in a worker process."""
+    w = _WORK
+    return [v for q, c, s in tasks for v in _verify_query(w["cat"], q, c, s, w["thresholds"], w["max_copies"])]
+
+
 def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k: int = K, max_copies: int = 1,
                 thresholds: Thresholds = Thresholds(), exclude: Callable[[int, int], bool] | None = None,
-                progress: bool = False, log: Callable[[str], None] | None = None) -> list[Verified]:
+                progress: bool = False, log: Callable[[str], None] | None = None, workers: int = 1) -> list[Verified]:
     """Verify each query's ``k`` stage-1 candidates in ``pool``; every verified pair (copies and not).
 
-    ``exclude(query, candidate)`` drops candidates before verification (a query itself always is)."""
+    ``exclude(query, candidate)`` drops candidates before verification (a query itself always is). With
+    ``workers`` > 1 the queries are verified in that many fresh (spawned) processes: same pairs, in query order."""
     from tqdm.auto import tqdm
 
     queries = np.asarray(queries, dtype=np.int64)
@@ -170,16 +201,33 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
     if not len(queries) or not len(pool):
         return []
     sims, nn = _candidates(cat, queries, pool, k, False, log)
-    out: list[Verified] = []
-    for qi in tqdm(range(len(queries)), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True):
-        q = int(queries[qi])
+    tasks = []
+    for qi, q in enumerate(queries.tolist()):
         valid = nn[qi] >= 0
         cands = pool[nn[qi][valid]]
         keep = cands != q
         if exclude is not None:
             keep &= np.array([not exclude(q, int(c)) for c in cands], dtype=bool)
-        out += _verify_query(cat, q, cands[keep], sims[qi][valid][keep], thresholds, max_copies)
+        tasks.append((q, cands[keep], sims[qi][valid][keep]))
+    workers = max(1, min(int(workers), -(-len(tasks) // CHUNK)))  # a small job is not worth starting processes for
+    step = max(1, min(CHUNK, -(-len(tasks) // workers)))
+    chunks = [tasks[a:a + step] for a in range(0, len(tasks), step)]
+    out: list[Verified] = []
+    with tqdm(total=len(tasks), unit="item", desc="verifying candidates", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        if workers == 1:
+            for q, c, s in tasks:
+                out += _verify_query(cat, q, c, s, thresholds, max_copies)
+                bar.update()
+        else:  # spawned, not forked: a fork would inherit OpenCV's and OpenMP's thread pools and can hang
+            import multiprocessing as mp
+
+            shared = Catalog(cat.canvases, cat.shapes, cat.descriptors[:0])
+            with mp.get_context("spawn").Pool(workers, initializer=_worker_init,
+                                              initargs=(shared, thresholds, max_copies)) as procs:
+                for chunk, part in zip(chunks, procs.imap(_verify_tasks, chunks)):
+                    out += part
+                    bar.update(len(chunk))
     return out
 
 
