@@ -170,11 +170,12 @@ def leaks_section(store: Store, key: str | None, splits) -> dict:
 
 
 def view_key(store: Store, results: list[cmp.Result], best: str) -> str | None:
-    """The embedding key the maps and neighbours use: the best probe's key, else the store's only or first key."""
+    """The embedding key the maps and neighbours use: the best encoder probe's key (baselines are yardsticks, not
+    the subject), else the store's only or first key."""
     keys = store.keys
     ranked = sorted(results, key=lambda r: r.name != best)
     for r in ranked:
-        if r.record.get("kind") == "probe" and r.record.get("encoder") in keys:
+        if r.record.get("kind") == "probe" and not r.record.get("baseline") and r.record.get("encoder") in keys:
             return r.record["encoder"]
     return keys[0] if keys else None
 
