@@ -110,7 +110,8 @@ def test_compare_finetune_against_the_probe_end_to_end(tiny_run, probe_results, 
     assert not rep["warnings"]
     ft = next(r for r in rep["rows"] if r["kind"] == "finetune")
     assert ft["fit_seconds"] > 0 and ft["predict_items_per_second"] > 0
-    (pair,) = rep["pairs"]
+    assert len(rep["pairs"]) == len(rep["rows"]) - 1  # every row paired with the best one, baselines included
+    (pair,) = [p for p in rep["pairs"] if "test_resnet fine-tuned" in (p["a"], p["b"])]
     assert pair["n_paired"] == len(Splits.load(probe_splits).folds[0].test)
     assert pair["note"] == ""  # same items and run names: no averaging, nothing left out
     assert pair["ci"][0] <= pair["diff_balanced_accuracy"] <= pair["ci"][1]
