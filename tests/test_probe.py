@@ -22,7 +22,7 @@ CONTRACT = ("kind", "name", "encoder", "encoder_config_fingerprint", "head", "sp
 def demo(lite0_store_ro, tmp_path_factory):
     """The README demo: every head on the 320-cell sample."""
     out = tmp_path_factory.mktemp("probe") / "demo"
-    proc = run_cli("probe", lite0_store_ro, "--heads", "all", "--out", out, "--quiet")
+    proc = run_cli("probe", lite0_store_ro, "--heads", "all", "--seeds", "1", "--out", out, "--quiet")
     return out, proc.stdout
 
 
@@ -33,6 +33,7 @@ def test_demo_prints_table_and_writes_every_result_file(demo):
     header = next(i for i, line in enumerate(lines) if line.startswith("head"))
     assert [line.split()[0] for line in lines[header + 1:header + 4]] == list(HEADS)
     assert "balanced acc [95% CI]" in lines[header]
+    assert "SINGLE-SPLIT QUICK LOOK (--seeds 1)" in stdout
     assert (out / "splits.json").exists() and (out / "summary.md").exists()
     for head in HEADS:
         for name in ("metrics.json", "predictions.csv", "confusion.png", "roc.png", "summary.md",
