@@ -8,10 +8,10 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 .PHONY: demo test install bench clean-demo
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,formats]'
 	touch $(STAMP)
 
 install: $(STAMP)
