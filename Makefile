@@ -21,9 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/embedkit run configs/mitocheck_demo.yaml
 
-## test: the whole test suite (CPU only, no network)
+## test: the whole test suite (CPU only, no network), one pytest-xdist worker per core (at most 4);
+## each test file runs in one worker, so its fixtures are built once
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-demo:
 	rm -rf store/demo.h5 store/demo.h5.shards store/demo.h5.lock results/demo

@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -29,6 +31,21 @@ def run_cli(*args: str, check: bool = True, timeout: float = 3000, env: dict | N
     return proc
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session, shared by all pytest-xdist workers; read-only to tests."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's base folder, above each worker's own
+    folder = base / f"shared-{name}"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def mitocheck_dir() -> Path:
     return MITOCHECK
@@ -37,9 +54,10 @@ def mitocheck_dir() -> Path:
 @pytest.fixture(scope="session")
 def lite0_store_ro(tmp_path_factory) -> Path:
     """The bundled sample embedded once with the real efficientnet_lite0 (plus its baseline keys); treat as read-only."""
-    path = tmp_path_factory.mktemp("lite0") / "cells.h5"
-    run_cli("embed", MITOCHECK, "--store", path, "--group-by", "mitocheck", "--baselines", "--quiet")
-    return path
+    def build(folder: Path) -> None:
+        run_cli("embed", MITOCHECK, "--store", folder / "cells.h5", "--group-by", "mitocheck", "--baselines", "--quiet")
+
+    return built_once(tmp_path_factory, "lite0", build) / "cells.h5"
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from embedkit import store as st
 from embedkit.errors import EmbedkitError
 from embedkit.sources import Item
@@ -133,4 +133,31 @@ def test_sharded_key_reads_like_one_array_with_gaps_and_second_runs(tmp_path):
     rows = np.array([9, 0, 5, 5, 2])
     np.testing.assert_array_equal(s.vectors("e", rows), x[rows])
     np.testing.assert_array_equal(np.concatenate([b for _, b in s.iter_vectors("e", batch=4)]), x)
-    assert len(list(st.folder_of(path).glob("*/*.h5"))) == 5 and not list(st.folder_of(path).glob("*/run.json"))
+    # each run's checkpoint shards were merged into one shard at its commit, then deleted
+    assert sorted(p.name for p in st.folder_of(path).glob("*/*.h5")) == ["merged-r000000000-000000008.h5",
+                                                                       "merged-r000000002-000000010.h5"]
+    assert not list(st.folder_of(path).glob("*/run.json"))
+
+
+def test_a_commit_merges_checkpoints_into_big_shards_in_row_order(tmp_path, monkeypatch):
+    from embedkit.store import writing
+
+    path = tmp_path / "s.h5"
+    writing.append_items(path, _items(10), str(tmp_path))
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    monkeypatch.setattr(writing, "BIG_SHARD_BYTES", 4 * 4 * 4)  # four rows of four floats per merged shard
+    run = st.Run(path, "embed", "e")
+    run.start(CFG, "aaa")
+    for rows in ([7, 8, 9], [0, 1, 2], [3, 4, 5, 6]):  # written out of order, as parallel workers would
+        r = np.array(rows)
+        run.write(st.Run.shard_name(f"w{rows[0]}", "r", int(r.min()), int(r.max()) + 1),
+                  {"rows": r, "ids": np.array([f"i{k}" for k in r], dtype=object), "vectors": x[r],
+                   "bad": np.array([""] * len(r), dtype=object), "paths": np.array([f"c/i{k}.png" for k in r], dtype=object)})
+    assert writing.commit_embedding(path, run, "e", 4, "float32", CFG, []) == 10
+    names = sorted(p.name for p in st.folder_of(path).glob("*/*.h5"))
+    assert names == ["merged-r000000000-000000004.h5", "merged-r000000004-000000008.h5", "merged-r000000008-000000010.h5"]
+    with st.Store(path) as s:
+        assert np.array_equal(s.vectors("e"), x)
+        reader = s._key_reader("e")
+        assert len(reader.maps) == 3  # one contiguous run of rows per merged shard
+    assert "3 shards, all present" in run_cli("store", "check", path).stdout

@@ -4,7 +4,9 @@ progress is the set of shards present; one commit stitches them into the store.
 A run lives in ``S.h5.shards/<name>-<token>/``: ``run.json`` pins its configuration, and shard files
 ``<writer>-<r|f><first>-<stop>.h5`` hold its results (store rows for ``r``, source field indices for
 ``f``). Shards are written straight into their final folder, so committing moves no data: the main file
-starts naming them. Until it does they are pending work that a re-run of the same command resumes.
+starts naming them (segment and patches), or names ``merged-*`` shards that the commit wrote from them
+in row order, after which the checkpoint shards are deleted (embed). Until the commit, checkpoint shards
+are pending work that a re-run of the same command resumes.
 Many writers (one per worker) can add shards to one run at once; their names never collide because
 they carry the writer id, and one committer stitches them all.
 """
@@ -27,6 +29,8 @@ from .schema import now_iso, validate_key
 from .shards import ShardInfo, ShardTable, file_checksum, folder_of, write_shard
 
 STATE = "run.json"
+#: Name prefix of the shards a commit merges a run's checkpoint shards into.
+MERGED = "merged-"
 
 
 def committed_files(store_path: Path) -> set[str]:
@@ -99,7 +103,8 @@ class Run:
         return self.dir
 
     def _pending_in(self, d: Path, committed: set[str]) -> list[Path]:
-        return sorted(p for p in d.glob("*.h5") if f"{d.name}/{p.name}" not in committed)
+        """Checkpoint shards of run folder ``d`` that the store does not name (merged shards are the commit's own)."""
+        return sorted(p for p in d.glob("*.h5") if f"{d.name}/{p.name}" not in committed and not p.name.startswith(MERGED))
 
     # --------------------------------------------------------------------------------- shards
     def shards(self) -> list[Path]:
@@ -109,6 +114,11 @@ class Run:
     @staticmethod
     def shard_name(writer: str, unit: str, first: int, stop: int) -> str:
         return f"{writer}-{unit}{first:09d}-{stop:09d}.h5"
+
+    @staticmethod
+    def merged_name(first: int, stop: int) -> str:
+        """Name of a shard that a commit merges from checkpoint shards (store rows first..stop)."""
+        return f"{MERGED}r{first:09d}-{stop:09d}.h5"
 
     def write(self, name: str, arrays: dict[str, np.ndarray], compress: tuple[str, ...] = ()) -> ShardInfo:
         """Write one shard of this run (verified, atomically renamed)."""
@@ -138,6 +148,14 @@ class Run:
             return out
 
     # --------------------------------------------------------------------------------- ending
+    def discard(self, shards: list[Path]) -> None:
+        """After a verified commit that names merged copies of them: delete this run's checkpoint shards."""
+        for p in shards:
+            if p.parent.resolve() != self._dir().resolve():
+                raise RuntimeError(f"refusing to delete {p}: not a shard of run {self._dir()}")
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
     def finish(self) -> None:
         """After a verified commit: the run folder now only holds committed shards; drop its state."""
         self._close(self._dir())

@@ -31,6 +31,9 @@ from .schema import STR
 _BLOCK_BYTES = 1 << 26
 #: Open shard files a reader keeps (bounded so that stores with many shards never run out of descriptors).
 _OPEN_SHARDS = 32
+#: Size of a shard that holds a whole array's worth of rows (a merged key, an upgraded array): few file
+#: opens per read, yet small enough to build in memory and verify before it is renamed into place.
+BIG_SHARD_BYTES = 256 << 20
 #: HDF5 chunk cache per open file: several compressed crop chunks, so that neighbouring rows decompress once.
 CHUNK_CACHE = 16 << 20
 
@@ -277,6 +280,9 @@ class RowReader:
             if problem:
                 raise EmbedkitError(damaged_message(store_path, self.folder, table.files[fi], problem))
         self._open: OrderedDict[int, tuple[h5py.File, h5py.Dataset]] = OrderedDict()
+        # compressed crops want a chunk cache (neighbouring rows decompress once); plain vectors read faster
+        # straight into the caller's array, past any cache
+        self._cache = CHUNK_CACHE if target == "pixels" else 0
 
     def close(self) -> None:
         for fh, _ in getattr(self, "_open", {}).values():
@@ -289,7 +295,7 @@ class RowReader:
         entry = self._open.pop(fi, None)
         if entry is None:
             try:
-                fh = h5py.File(self.folder / self.files[fi], "r", rdcc_nbytes=CHUNK_CACHE)
+                fh = h5py.File(self.folder / self.files[fi], "r", rdcc_nbytes=self._cache)
                 entry = (fh, fh[self.source])
             except (OSError, KeyError) as exc:
                 raise EmbedkitError(damaged_message(self.store_path, self.folder, self.files[fi],

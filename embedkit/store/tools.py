@@ -18,10 +18,8 @@ from .reading import Store
 from .rows import n_items
 from .runs import Run
 from .schema import SCHEMA_VERSION, fingerprint, now_iso
-from .shards import ShardTable, add_shards, check_store_shards, folder_of, runs_of, set_maps, stitch
+from .shards import BIG_SHARD_BYTES, ShardTable, add_shards, check_store_shards, folder_of, runs_of, set_maps, stitch
 
-#: Rows per shard when upgrade moves an inline array out (about this many bytes each).
-_UPGRADE_SHARD_BYTES = 256 << 20
 
 
 @dataclass
@@ -115,7 +113,7 @@ def _write_upgrade_shards(path: Path, run: Run, names: list[str]) -> dict:
         for name in names:
             ds = f[name]
             row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
-            step = max(1, _UPGRADE_SHARD_BYTES // row_bytes)
+            step = max(1, BIG_SHARD_BYTES // row_bytes)
             parts = []
             for a in range(0, ds.shape[0], step):
                 b = min(ds.shape[0], a + step)

@@ -16,7 +16,7 @@ from .commit import transaction
 from .rows import ensure_sharded_embedding, n_items, write_items
 from .runs import Run
 from .schema import STR, now_iso
-from .shards import add_shards, folder_of, maps_of, runs_of, set_maps, stitch
+from .shards import BIG_SHARD_BYTES, ShardInfo, add_shards, folder_of, maps_of, runs_of, set_maps, stitch
 
 
 def append_items(store_path: str | os.PathLike, items: Sequence[Any], root: str) -> np.ndarray:
@@ -39,41 +39,78 @@ def _extend_maps(f: h5py.File, target: str, source: str, new: list[np.ndarray]) 
 
 def commit_embedding(store_path: str | os.PathLike, run: Run, key: str, dim: int, dtype: str, config: dict,
                      skipped: list[tuple[str, str]]) -> int:
-    """Stitch the run's vector shards into ``/embeddings/<key>`` and mark their good rows done; return rows added.
+    """Stitch the run's vectors into ``/embeddings/<key>`` and mark their good rows done; return rows added.
 
-    A shard holds ``rows`` (store rows), ``ids`` (checked against the store), ``vectors`` and ``bad`` (reason
-    per row, '' when good). A row already done, or written twice, keeps its first vector.
+    A run shard holds ``rows`` (store rows), ``ids`` (checked against the store), ``vectors`` and ``bad`` (reason
+    per row, '' when good). A row already done, or written twice, keeps its first vector. The good vectors are
+    first merged, in row order, into a few big shards (see :data:`~.shards.BIG_SHARD_BYTES`), which the
+    commit names instead of the run's checkpoint shards: reading a key then costs a few file opens, not one
+    per checkpoint. The checkpoint shards are deleted only after the commit.
     """
     shards = run.shards()
     target = f"embeddings/{key}/vectors"
+    fresh = _fresh_rows(store_path, key, target, shards)
+    if fresh is None:
+        return 0
+    merged = _write_merged(run, shards, fresh, dim, np.dtype(dtype))
     with transaction(store_path) as f:
         g = ensure_sharded_embedding(f, key, dim, dtype, config)
-        if not f[target].is_virtual:
-            if not shards:
-                return 0
-            raise _inline_refusal(store_path, target)
-        ids = f["items"]["id"]
         done = g["done"][:]
-        index = add_shards(f, folder_of(store_path).name, [run.info(p) for p in shards])
-        new_maps = []
-        for p in shards:
-            c = Run.read(p, "rows", "ids", "bad")
-            rows = c["rows"].astype(np.int64)
-            if not _rows_match(ids, rows, c["ids"]):
-                raise EmbedkitError(f"shard {p} does not match the store's items; delete {p.parent} and run again")
-            fresh = (c["bad"] == "") & ~done[rows]
-            if not fresh.any():
-                continue
-            done[rows[fresh]] = True
-            new_maps.append(runs_of(rows[fresh], np.flatnonzero(fresh), index[f"{p.parent.name}/{p.name}"]))
-        _extend_maps(f, target, "vectors", new_maps)
+        index = add_shards(f, folder_of(store_path).name, [info for info, _ in merged])
+        _extend_maps(f, target, "vectors", [runs_of(rows, np.arange(len(rows)), index[info.file]) for info, rows in merged])
         stitch(f, target, n_items(f), (dim,), np.dtype(dtype), np.nan)
+        done[fresh[:, 0]] = True
         added = int(done.sum() - g["done"][:].sum())
         g["done"][:] = done
         g.attrs["skipped"] = json.dumps([list(b) for b in skipped])
         g.attrs["modified"] = now_iso()
+    run.discard(shards)
     run.finish()
     return added
+
+
+def _fresh_rows(store_path: str | os.PathLike, key: str, target: str, shards: list[Path]) -> np.ndarray | None:
+    """[K, 3] of (store row, shard index, shard row) for the good rows not yet done, sorted by store row;
+    None when the key is held inline with nothing to add."""
+    path = Path(store_path)
+    with h5py.File(path, "r") as f:
+        if target in f and not f[target].is_virtual:
+            if not shards:
+                return None
+            raise _inline_refusal(store_path, target)
+        ids = f["items"]["id"]
+        done = f[f"embeddings/{key}/done"][:] if f"embeddings/{key}/done" in f else np.zeros(ids.shape[0], bool)
+        parts = []
+        for si, p in enumerate(shards):
+            c = Run.read(p, "rows", "ids", "bad")
+            rows = c["rows"].astype(np.int64)
+            if not _rows_match(ids, rows, c["ids"]):
+                raise EmbedkitError(f"shard {p} does not match the store's items; delete {p.parent} and run again")
+            good = c["bad"] == ""
+            first = np.zeros(len(rows), bool)
+            first[np.unique(rows, return_index=True)[1]] = True  # a row twice in one shard keeps its first vector
+            new = np.flatnonzero(good & first & ~done[rows])
+            done[rows[new]] = True
+            parts.append(np.stack([rows[new], np.full(len(new), si), new], axis=1))
+    fresh = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    return fresh[np.argsort(fresh[:, 0], kind="stable")]
+
+
+def _write_merged(run: Run, shards: list[Path], fresh: np.ndarray, dim: int, dtype: np.dtype) -> list[tuple[ShardInfo, np.ndarray]]:
+    """Write the vectors of ``fresh`` rows into merged shards of the run, in store-row order; return each
+    shard's record and the store rows it holds (row i of the shard is store row rows[i])."""
+    step = max(1, BIG_SHARD_BYTES // max(1, dim * dtype.itemsize))
+    out = []
+    for a in range(0, len(fresh), step):
+        block = fresh[a:a + step]
+        vectors = np.empty((len(block), dim), dtype)
+        for si in np.unique(block[:, 1]):
+            sel = np.flatnonzero(block[:, 1] == si)
+            vectors[sel] = Run.read(shards[int(si)], "vectors")["vectors"][block[sel, 2]]  # cast to the key's dtype
+        rows = block[:, 0]
+        info = run.write(Run.merged_name(int(rows[0]), int(rows[-1]) + 1), {"rows": rows, "vectors": vectors})
+        out.append((info, rows))
+    return out
 
 
 def _rows_match(ids: h5py.Dataset, rows: np.ndarray, shard_ids: np.ndarray) -> bool:

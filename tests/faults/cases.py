@@ -100,7 +100,8 @@ def build_world(root: Path) -> World:
         for f in sorted((MITOCHECK / cls).glob("*.png"))[:CELLS_PER_CLASS]:
             shutil.copy(f, world.cells / cls / f.name)
     cli(["embed", world.cells, "--store", world.store, "--group-by", "mitocheck", "--quiet"], world.root, check=True)
-    cli(["probe", world.store, "--heads", "logreg", "--out", world.results, "--n-boot", "100", "--quiet"], world.root,
+    cli(["probe", world.store, "--heads", "logreg", "--seeds", "1", "--no-baselines", "--out", world.results,
+         "--n-boot", "100", "--quiet"], world.root,
         check=True)
     cli(["finetune", world.store, *TINY_FINETUNE, "--splits", world.results / "splits.json", "--out", world.finetuned,
          "--quiet"], world.root, check=True)
