@@ -66,7 +66,7 @@ def store_check(store_path):
     if rep.problems:
         raise EmbedkitError(f"{store_path}: {len(rep.problems)} of {rep.n_shards} shards are damaged, first "
                             f"{rep.problems[0]}; restore the shards folder from a copy of the store")
-    click.echo(f"{store_path}: {rep.n_shards} shards, all present and matching their checksums")
+    click.echo(f"{store_path}: {rep.n_shards} shard{'' if rep.n_shards == 1 else 's'}, all present and matching their checksums")
 
 
 @store.command("pack")

@@ -79,7 +79,10 @@ def _fresh_rows(store_path: str | os.PathLike, key: str, target: str, shards: li
                 return None
             raise _inline_refusal(store_path, target)
         ids = f["items"]["id"]
-        done = f[f"embeddings/{key}/done"][:] if f"embeddings/{key}/done" in f else np.zeros(ids.shape[0], bool)
+        done = np.zeros(ids.shape[0], bool)  # items appended since the key was made are not done
+        if f"embeddings/{key}/done" in f:
+            old = f[f"embeddings/{key}/done"][:]
+            done[:len(old)] = old
         parts = []
         for si, p in enumerate(shards):
             c = Run.read(p, "rows", "ids", "bad")

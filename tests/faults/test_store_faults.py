@@ -70,7 +70,7 @@ def cells(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(cells, tmp_path_factory) -> Path:
-    """The 8 cells embedded by an uninterrupted run (two vector shards)."""
+    """The 8 cells embedded by an uninterrupted run (two checkpoint shards, merged into one at commit)."""
     store = tmp_path_factory.mktemp("ref") / "s.h5"
     run_cli("embed", cells, "--store", store, *ARGS)
     return store
@@ -104,7 +104,9 @@ def test_library_and_runs_refuse_unsafe_keys(tmp_path):
 # --------------------------------------------------------------------------- crashes and full disks
 
 
-@pytest.mark.parametrize("point", ["kill@shard:written#2", "kill@shard:renamed#1", "kill@commit:written", "kill@commit:renamed"])
+# shards #1 and #2 are the run's checkpoints, #3 the merged shard its commit writes before naming it
+@pytest.mark.parametrize("point", ["kill@shard:written#2", "kill@shard:renamed#1", "kill@shard:written#3", "kill@commit:written",
+                                   "kill@commit:renamed"])
 def test_sigkill_during_a_commit_resumes_to_identical_vectors(point, reference, cells, tmp_path):
     store = copy_store(reference, tmp_path)
     proc = run_cli("embed", cells, "--store", store, "--key", "k", *ARGS, check=False, env={"EMBEDKIT_FAULT": point})
@@ -122,7 +124,7 @@ def test_sigkill_during_a_commit_resumes_to_identical_vectors(point, reference, 
 
 
 @pytest.mark.parametrize("fault", ["enospc@commit:written", "truncate@commit:written", "enospc@shard:written#2",
-                                   "truncate@shard:written#1"])
+                                   "truncate@shard:written#1", "enospc@shard:written#3"])
 def test_full_disk_or_silent_write_failure_is_never_success(fault, reference, cells, tmp_path):
     store = copy_store(reference, tmp_path)
     before = tree(tmp_path)
@@ -255,25 +257,25 @@ def test_stale_temp_files_of_dead_processes_are_swept(reference, cells, tmp_path
 
 def test_deleted_or_truncated_shard_is_named_by_check_and_by_readers(reference, tmp_path):
     store = copy_store(reference, tmp_path)
-    assert "2 shards, all present" in run_cli("store", "check", store).stdout
+    assert "1 shard, all present" in run_cli("store", "check", store).stdout
     shards = sorted(Path(f"{store}.shards").glob("*/*.h5"))
-    assert len(shards) == 2
-    rel = f"{shards[1].parent.name}/{shards[1].name}"
+    assert len(shards) == 1  # the run's two checkpoint shards, merged at commit
+    rel = f"{shards[0].parent.name}/{shards[0].name}"
 
-    data = shards[1].read_bytes()
-    shards[1].write_bytes(data[: len(data) // 2])
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 2])
     line = one_line_error(run_cli("store", "check", store, check=False))
     assert rel in line and "truncated" in line
     with pytest.raises(EmbedkitError, match=f"shard .*{rel} is truncated"):
         Store(store).vectors(KEY)
     assert rel in one_line_error(run_cli("export", store, "--format", "npy", "--out", tmp_path / "x.npy", check=False))
 
-    shards[1].unlink()
+    shards[0].unlink()
     assert rel in one_line_error(run_cli("store", "check", store, check=False))
     with pytest.raises(EmbedkitError, match=f"shard .*{rel} is missing"):
         Store(store).vectors(KEY)
 
-    shards[1].write_bytes(data[:100] + bytes(255 - b for b in data[100:200]) + data[200:])  # same size, other bytes
+    shards[0].write_bytes(data[:100] + bytes(255 - b for b in data[100:200]) + data[200:])  # same size, other bytes
     line = one_line_error(run_cli("store", "check", store, check=False))
     assert rel in line and ("checksum" in line or "cannot" in line)
 
