@@ -122,7 +122,8 @@ def add_key_and_view(code: Path, store: Path, n: int, dim: int, key: str = "benc
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_writes(work: Path, n: int, dim: int, pixel_gb: float) -> tuple[dict, Path]:
+def bench_writes(work: Path, n: int, dim: int, pixel_gb: float, repeats: int = 3) -> tuple[dict, Path]:
+    """(a) bytes and seconds to add a key and a view, store without vs with pixels (medians of ``repeats``)."""
     small, big = work / "small" / "s.h5", work / "big" / "s.h5"
     for p in (small, big):
         p.parent.mkdir(parents=True)
@@ -130,10 +131,14 @@ def bench_writes(work: Path, n: int, dim: int, pixel_gb: float) -> tuple[dict, P
     t = time.perf_counter()
     make_store(big, n, pixel_gb)
     build = time.perf_counter() - t
-    a = add_key_and_view(ROOT, small, n, dim)
-    b = add_key_and_view(ROOT, big, n, dim)
+    os.sync()  # the pixel store's dirty pages are flushed now, not during the timed writes
+    runs: dict = {"small": [], "big": []}
+    for r in range(repeats):  # alternating, so that load on a shared machine hits both stores alike
+        for name, store in (("small", small), ("big", big)):
+            runs[name].append(add_key_and_view(ROOT, store, n, dim, key=f"bench{r}"))
+    a, b = ({k: float(np.median([x[k] for x in runs[name]])) for k in runs[name][0]} for name in ("small", "big"))
     res = {"n_items": n, "dim": dim, "pixel_bytes": store_size(big) - store_size(small), "build_seconds": build,
-           "small": a, "big": b}
+           "repeats": repeats, "small": a, "big": b, "runs": runs}
     for what in ("key", "view"):
         res[f"{what}_bytes_ratio"] = b[f"{what}_bytes"] / max(1, a[f"{what}_bytes"])
         res[f"{what}_seconds_ratio"] = b[f"{what}_seconds"] / max(1e-9, a[f"{what}_seconds"])
@@ -176,7 +181,7 @@ def bench_reads(big: Path, work: Path, repeats: int = 7, baseline: Path | None =
     rows = rng.choice(n_rows, size=min(200, n_rows), replace=False)
     for name, path in paths.items():  # warm the page cache: both layouts read from memory, not from disk
         with Store(path) as s:
-            v, p = s.vectors("bench"), s.pixels(rows)
+            v, p = s.vectors("bench0"), s.pixels(rows)
     for mode in ("open_handle", "fresh_handle"):
         # open_handle: one Store per layout, read repeatedly (a probe or a notebook); fresh_handle: a new Store
         # per read, so open costs and no HDF5 chunk cache carried over are included (a command reading once)
@@ -184,7 +189,7 @@ def bench_reads(big: Path, work: Path, repeats: int = 7, baseline: Path | None =
         held = {name: Store(path) for name, path in paths.items()} if mode == "open_handle" else {}
         for _ in range(repeats):  # interleaved, so that load on a shared machine hits both layouts alike
             for name, path in paths.items():
-                for what, read in (("vectors", lambda s: s.vectors("bench")), ("pixels", lambda s: s.pixels(rows))):
+                for what, read in (("vectors", lambda s: s.vectors("bench0")), ("pixels", lambda s: s.pixels(rows))):
                     s = held[name] if name in held else Store(path)
                     t = time.perf_counter()
                     read(s)
