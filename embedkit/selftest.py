@@ -4,7 +4,7 @@ and a few items re-embedded after it (determinism). Both results go into the key
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -82,23 +82,33 @@ def determinism_check(stored: np.ndarray, again: np.ndarray, device: torch.devic
     return out
 
 
-def recheck_run(ds, encoder, run, device: torch.device | str, n: int = 4) -> dict:
-    """Re-embed up to ``n`` good items this invocation embedded, one by one, and compare with what its shards hold."""
+def recheck_run(ds, encoder, runs: Sequence, device: torch.device | str, n: int = 4) -> list[dict]:
+    """Re-embed up to ``n`` good items per run that this invocation embedded, one by one, and compare them with
+    what the run's shards hold; ``runs`` follow the encoder's outputs (its usual output, then each chosen layer)."""
     pos = {str(i): k for k, (i, _) in enumerate(ds.entries)}
-    stored, again = [], []
+    stored: list[list[np.ndarray]] = [[] for _ in runs]
+    again: list[list[np.ndarray]] = [[] for _ in runs]
+    cache: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
-        for shard in run.shards():
-            if len(stored) >= n:
-                break
-            c = type(run).read(shard, "ids", "vectors")
-            for j, i in enumerate(c["ids"]):
-                if len(stored) >= n:
+        for k, run in enumerate(runs):
+            for shard in run.shards():
+                if len(stored[k]) >= n:
                     break
-                if str(i) in pos and np.isfinite(c["vectors"][j]).all():
-                    _, x, _ = ds[pos[str(i)]]
-                    again.append(encoder(x[None].to(device)).float().cpu().numpy()[0])
-                    stored.append(np.asarray(c["vectors"][j], dtype=np.float32).ravel())
-    if not stored:
-        return {"items": 0, "passed": True}
-    stored_a = np.stack(stored)
-    return determinism_check(stored_a, np.asarray(again, dtype=np.float32).reshape(stored_a.shape), device)
+                c = type(run).read(shard, "ids", "vectors")
+                for j, i in enumerate(c["ids"]):
+                    if len(stored[k]) >= n:
+                        break
+                    if str(i) in pos and np.isfinite(c["vectors"][j]).all():
+                        if str(i) not in cache:
+                            _, x, _ = ds[pos[str(i)]]
+                            cache[str(i)] = [v.float().cpu().numpy()[0] for v in encoder.outputs(x[None].to(device))]
+                        again[k].append(cache[str(i)][k])
+                        stored[k].append(np.asarray(c["vectors"][j], dtype=np.float32).ravel())
+    out = []
+    for s_k, a_k in zip(stored, again):
+        if not s_k:
+            out.append({"items": 0, "passed": True})
+            continue
+        stored_a = np.stack(s_k)
+        out.append(determinism_check(stored_a, np.asarray(a_k, dtype=np.float32).reshape(stored_a.shape), device))
+    return out

@@ -30,12 +30,15 @@ from ..formats.options import expand_source, plane_options
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1), help="Save progress every N images (resume point).")
 @click.option("--random-init", is_flag=True, help="Use randomly initialised weights on purpose (tests, baselines). Never the default.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --random-init weights (recorded in provenance).")
+@click.option("--layers", help="Also store pooled features of intermediate layers (ViT blocks, CNN stages), each under its own "
+                               "key <key>@block-N or <key>@stage-N (N from 0; -1 is the last): e.g. -1,-2,-4, or all. "
+                               "<key> itself stays the usual output; a layer equal to it is not stored twice.")
 @click.option("--baselines", is_flag=True, help="Also store the random-init (<key>@random-init) and handcrafted baseline keys that 'probe' compares against.")
 @engine_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @plane_options()
 def embed(source, store_path, encoder, weights, pooling, image_size, key, group_by, channels, percentiles, device,
-          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, seed, baselines, engine, address, replicas,
+          batch_size, workers, dtype, skip_bad, checkpoint_rows, random_init, seed, layers, baselines, engine, address, replicas,
           quiet, z_rule, t_frames, target_pixel_size):
     """Embed images with a frozen encoder into an HDF5 store.
 
@@ -50,6 +53,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
     """
     from ..embed import embed as run_embed
     from ..encoders import create_encoder
+    from ..encoders.layers import parse_layers
     from ..engines.options import engine_from_options
     from ..images import Conversion, parse_channels, parse_percentiles
     from ..sources import discover
@@ -57,6 +61,7 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
 
     if key is not None:
         validate_key(key)
+    layer_request = parse_layers(layers)
     conv = Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
     if len(source) == 1 and os.path.abspath(source[0]) == os.path.abspath(store_path):
         src = store_path
@@ -76,12 +81,14 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
             enc = create_encoder(encoder, weights=weights, pooling=pooling, image_size=image_size, pretrained=not random_init)
         res = run_embed(src, store_path, enc, key=key, conv=conv, device=device, batch_size=batch_size, workers=workers,
                         dtype=dtype, skip_bad=skip_bad, checkpoint_rows=checkpoint_rows, progress=not quiet,
-                        engine=runner)
+                        engine=runner, layers=layer_request)
     msg = (f"embedded {res.n_embedded} images into {res.store} under key '{res.key}' "
            f"({res.images_per_second:.1f} img/s, dim {enc.dim})")
     if res.n_resumed:
         msg += f"; {res.n_resumed} were already done"
     click.echo(msg)
+    if layer_request is not None:
+        click.echo(_layers_line(enc, res.keys))
     if res.skipped:
         click.echo(f"skipped {len(res.skipped)} bad images; list in {res.report}", err=True)
     if baselines:
@@ -91,6 +98,13 @@ def embed(source, store_path, encoder, weights, pooling, image_size, key, group_
         keys, _ = ensure_baselines(Store(store_path), res.key, ["random-init", "handcrafted"], seed=seed, device=device,
                                    progress=not quiet)
         click.echo(f"baselines stored under keys {', '.join(repr(k) for k in keys.values())}")
+
+
+def _layers_line(enc, keys: list[str]) -> str:
+    """Which layer each key holds, e.g. "layers: 'k@block-8' (dim 384); 'k' is block-11"."""
+    shown = "; ".join(f"'{k}' (dim {d})" for k, d in zip(keys[1:], enc.layer_dims)) or "no other layer"
+    plain = f"'{keys[0]}' is {enc.final_layer}" if enc.final_layer else f"'{keys[0]}' is the usual output"
+    return f"layers: {shown}; {plain}"
 
 
 @click.command()
