@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 import embedkit as ek
 from conftest import run_cli
+from test_probe_heads import edit_items
 from embedkit.errors import EmbedkitError
 from embedkit.store import Store
 
@@ -76,3 +80,69 @@ def test_bad_layers_are_refused_before_anything_is_written(cells, tmp_path):
         "embedkit: error: --layers 99: efficientnet_lite0 has 5 stages (stage-0 to stage-4); 99 is not one of them. "
         "Use indices from -5 to 4 (-1 is the last), or all"]
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".lock"]
+
+
+def _manifest(path, files, labels):
+    path.write_text("path,label,group\n" + "".join(f"{f},{lab},{f.name[4:11]}\n" for f, lab in zip(files, labels)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def layered(mitocheck_dir, tmp_path_factory):
+    """36 real cells of 3 classes (from a manifest) embedded by a tiny random ViT with blocks 8 and 10 besides the last."""
+    root = tmp_path_factory.mktemp("layered")
+    files = [f for c in ("Interphase", "Metaphase", "Prometaphase") for f in sorted((mitocheck_dir / c).glob("*.png"))[:12]]
+    labels = [f.parent.name for f in files]
+    store = root / "s.h5"
+    ek.embed(_manifest(root / "cells.csv", files, labels), store, _tiny_vit(), key="vit", layers="-1,-2,-4", progress=False)
+    return root, files, labels, store
+
+
+def _probe(store, out, splits=None):
+    from embedkit.probe import ProbeSettings, run_probe
+    from embedkit.splits import SplitSpec
+
+    settings = ProbeSettings(heads=["logreg", "knn"], baselines=(), leak_check=False, layers="best", n_boot=100,
+                             split=SplitSpec(seeds=None if splits else 1))
+    return run_probe(store, out, splits_path=str(splits) if splits else None, settings=settings, progress=False)
+
+
+def test_probe_layers_best_chooses_on_validation_and_lists_every_layer(layered, tmp_path):
+    root, files, labels, store = layered
+    rep = _probe(store, tmp_path / "res")
+    choice = rep.layers
+    assert [(r.layer, r.key) for r in choice.rows] == [("block-11", "vit"), ("block-8", "vit@block-8"),
+                                                      ("block-10", "vit@block-10")]
+    for head, layer in choice.chosen.items():
+        assert choice.row(layer).val_score(head) == max(r.val_score(head) for r in choice.rows)
+    summary = (tmp_path / "res" / "summary.md").read_text()
+    assert "## Layers" in summary and all(f"| {r.layer} | {r.key} |" in summary for r in choice.rows)
+    assert (tmp_path / "res" / "layers" / "block-8" / "logreg" / "metrics.json").is_file()
+
+    # Scrambling the test labels changes test scores but not the choice: test items never take part in it.
+    test_ids = set(json.loads((tmp_path / "res" / "splits.json").read_text())["folds"][0]["test"])
+    row_of = {i: r for r, i in enumerate(Store(store).ids)}
+    test_rows = sorted(row_of[i] for i in test_ids)
+    assert len({labels[r] for r in test_rows}) > 1
+    other = tmp_path / "scrambled" / store.name  # a store's shard folder is named after its file
+    other.parent.mkdir()
+    shutil.copy(store, other)
+    shutil.copytree(f"{store}.shards", f"{other}.shards")
+    edit_items(other, label={r: labels[j] for r, j in zip(test_rows, np.roll(test_rows, 1))})
+    again = _probe(other, tmp_path / "res2", splits=tmp_path / "res" / "splits.json").layers
+    assert again.chosen == choice.chosen
+    assert [[r.val_score(h) for h in choice.chosen] for r in again.rows] == [[r.val_score(h) for h in choice.chosen]
+                                                                             for r in choice.rows]
+    assert any(a.test_record(h)["metrics"]["balanced_accuracy"] != b.test_record(h)["metrics"]["balanced_accuracy"]
+               for a, b in zip(again.rows, choice.rows) for h in choice.chosen)
+
+
+def test_probe_layers_refuses_a_key_without_layer_keys(cells, tmp_path):
+    store = tmp_path / "s.h5"
+    ek.embed(cells, store, _tiny_vit(), key="vit", group_by="mitocheck", progress=False)
+    proc = run_cli("probe", store, "--layers", "best", "--heads", "logreg", "--no-baselines",
+                   "--out", tmp_path / "res", "--quiet", check=False)
+    assert proc.returncode == 2 and "has no layer keys" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("probe", store, "--layers", "worst", "--out", tmp_path / "res", check=False)
+    assert proc.returncode == 2 and "probe takes --layers best" in proc.stderr
+    assert not (tmp_path / "res").exists()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import EmbedkitError
+
+if TYPE_CHECKING:  # the key helpers stay importable without torch (the store uses them)
+    import torch
+    from torch import nn
 
 KINDS = ("block", "stage")
 #: A layer key: ``<base key>@block-N`` or ``<base key>@stage-N``.
@@ -59,6 +60,13 @@ def split_layer_key(key: str) -> tuple[str, str | None]:
     """(base key, layer name such as 'block-8') of a layer key; (key, None) for any other key."""
     m = LAYER_KEY.match(key)
     return (m["base"], f"{m['kind']}-{m['index']}") if m else (key, None)
+
+
+def layer_siblings(keys: Sequence[str], key: str) -> list[str]:
+    """The layer keys stored for ``key`` (or for the base of a layer key), in network order."""
+    base = split_layer_key(key)[0]
+    found = [(m["kind"], int(m["index"]), k) for k in keys if (m := LAYER_KEY.match(k)) and m["base"] == base]
+    return [k for _, _, k in sorted(found)]
 
 
 class Taps:
