@@ -34,9 +34,9 @@ def _store(store: "Store | PathLike") -> "Store":
 
 
 def _conversion(channels: str | None, percentiles: str | Sequence[float]):
-    from .images import Conversion, parse_channels, parse_percentiles
+    from .images import make_conversion
 
-    return Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
+    return make_conversion(channels, percentiles)
 
 
 # --------------------------------------------------------------------------- encoders

@@ -27,14 +27,16 @@ from .encoders import Encoder, Preprocess
 from .engines.preprocess import device_batch, group_by_shape, resize_normalise
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
+from .channelbag import fix_channels, fold_channels, output_dim, split_channels
 from .selftest import preprocess_selftest, recheck_run
 from .sources import Source
 
 
-def to_tensor(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize)."""
+def to_tensor(rgb: np.ndarray, pre: Preprocess, per_channel: bool = False) -> torch.Tensor:
+    """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize);
+    with ``per_channel`` (H, W, C) -> [3C, S, S], each channel a grayscale image (``--channels bag|mean``)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    return resize_normalise(x[None], pre)[0]
+    return resize_normalise(x[None], pre, per_channel)[0]
 
 
 def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Conversion = Conversion(),
@@ -86,7 +88,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.raw:
                 rgb = self._rgb(i, keep_uint8=True)
                 return item_id, rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32, copy=False), None
-            return item_id, to_tensor(self._rgb(i), self.pre), None
+            return item_id, to_tensor(self._rgb(i), self.pre, self.conv.per_channel is not None), None
         except BadImageError as exc:
             return item_id, None, exc.reason
 
@@ -173,6 +175,7 @@ class EmbedResult:
     seconds: float = 0.0
     report: str | None = None
     keys: list[str] = field(default_factory=list)  # every key written: the plain key, then one per chosen layer
+    dims: list[int] = field(default_factory=list)  # their vector sizes
 
     @property
     def images_per_second(self) -> float:
@@ -206,15 +209,19 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
     key = st.validate_key(key or st.key_for(encoder.spec.name))
     if layers is not None:
         encoder.select_layers(layers if isinstance(layers, LayerRequest) else parse_layers(layers))
+    conv, channels = fix_channels(conv, *_first_pixels(source, store_path, skip_bad)) if conv.per_channel else (conv, {})
     cfg = run_config(encoder, conv, dtype)
+    if channels:
+        cfg["channels"] = channels
     if preprocess not in ("auto", "workers", "device"):
         raise EmbedkitError(f"preprocess={preprocess!r}: choose auto, workers or device")
     dev = resolve_device(device) if engine is None else None
     t0 = time.perf_counter()
     cfg["selftest"] = preprocess_selftest(encoder, conv, dev or torch.device("cpu"))  # refuses a broken transform before anything is written
     keys = [st.validate_key(k) for k in encoder.output_keys(key)]
-    outputs = [Output(k, d, c, st.Run(store_path, "embed", k))
-               for k, d, c in zip(keys, [encoder.dim, *encoder.layer_dims], encoder.output_configs(key, cfg))]
+    dims = [output_dim(d, conv) for d in (encoder.dim, *encoder.layer_dims)]
+    outputs = [Output(k, d, {**c, "dim": d}, st.Run(store_path, "embed", k))
+               for k, d, c in zip(keys, dims, encoder.output_configs(key, cfg))]
     with st.write_lock(store_path):
         s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
@@ -257,7 +264,8 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
         if any(shards.values()):  # also after a resume that found every vector already written
             pixels_from = store_path if from_store else None
             every = ImageDataset(entries, encoder.preprocess, conv, pixels_from, [row_of[i] for i, _ in entries] if pixels_from else None)
-            checks = recheck_run(every, encoder, [o.run for o in outputs], dev or torch.device("cpu"))
+            checks = recheck_run(every, lambda x: encode(encoder, x, conv.per_channel), [o.run for o in outputs],
+                                 dev or torch.device("cpu"))
             for o, check in zip(outputs, checks):
                 o.config["selftest"] = {**o.config["selftest"], "determinism": check}
         bad = {}
@@ -273,7 +281,26 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
                 o.run.finish()
     n_new = sum(1 for i, _ in todo if i not in bad)
     return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report,
-                       keys=keys)
+                       keys=keys, dims=dims)
+
+
+def _first_pixels(source: Source | str, store_path: str, skip_bad: bool) -> tuple[np.ndarray, str]:
+    """The raw pixels and path of the first readable item, which fix the channel count of ``--channels bag|mean``."""
+    from .images import read_image
+
+    if isinstance(source, str):
+        if not os.path.exists(store_path) or not st.Store(store_path).has_pixels:
+            raise EmbedkitError(f"{store_path} holds no pixels; embed from the image files instead")
+        return st.Store(store_path).pixels(0), ""
+    error = None
+    for it in source.items:
+        try:
+            return read_image(source.abspath(it)), source.abspath(it)
+        except BadImageError as exc:
+            if not skip_bad:
+                raise bad_image(exc.path, exc.reason) from None
+            error = error or exc
+    raise error or EmbedkitError("no images to embed")
 
 
 def _fingerprint(config: dict) -> str:
@@ -320,10 +347,14 @@ def bad_image(path: str, reason: str) -> BadImageError:
                                f"(progress so far is kept and resumes)")
 
 
-def encode(model: Encoder, x: torch.Tensor) -> list[np.ndarray]:
+def encode(model: Encoder, x: torch.Tensor, per_channel: str | None = None) -> list[np.ndarray]:
     """Vectors of one prepared batch (channels-last on the model's device) as float32 on the CPU, one array per
-    output of the encoder (its usual output, then each chosen layer)."""
-    return [v.float().cpu().numpy() for v in model.outputs(x.contiguous(memory_format=torch.channels_last))]
+    output of the encoder (its usual output, then each chosen layer). ``per_channel`` ('bag' / 'mean'): ``x`` holds
+    each channel as a grayscale image, encoded one by one and then concatenated or averaged."""
+    if per_channel is None:
+        return [v.float().cpu().numpy() for v in model.outputs(x.contiguous(memory_format=torch.channels_last))]
+    parts = model.outputs(split_channels(x).contiguous(memory_format=torch.channels_last))
+    return [fold_channels(v.float(), x.shape[0], per_channel).cpu().numpy() for v in parts]
 
 
 def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: bool, progress: bool,
@@ -369,10 +400,10 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
                 vecs = [np.full((len(ids), d), np.nan, dtype=np.float32) for d in dims]
                 if good_ids:
                     if on_device:
-                        x = device_batch(x, len(good_ids), encoder.preprocess, dev)
+                        x = device_batch(x, len(good_ids), encoder.preprocess, dev, work.conv.per_channel is not None)
                     where = {i: k for k, i in enumerate(ids)}
                     pos = [where[i] for i in good_ids]
-                    for v, got in zip(vecs, encode(model, x.to(dev, non_blocking=cuda))):
+                    for v, got in zip(vecs, encode(model, x.to(dev, non_blocking=cuda), work.conv.per_channel)):
                         v[pos] = got
                 reasons = dict(bad)
                 buf_ids += ids

@@ -146,3 +146,24 @@ def test_probe_layers_refuses_a_key_without_layer_keys(cells, tmp_path):
     proc = run_cli("probe", store, "--layers", "worst", "--out", tmp_path / "res", check=False)
     assert proc.returncode == 2 and "probe takes --layers best" in proc.stderr
     assert not (tmp_path / "res").exists()
+
+
+def test_channels_bag_concatenates_each_channel_and_mean_averages_them(tmp_path):
+    """5-channel OME-TIFFs: bag gives 5 x the encoder's dimension (one block per channel), mean gives 1 x."""
+    from conftest import DATA
+
+    five = DATA / "fivechannel"
+    ek.embed(five, tmp_path / "bag.h5", _tiny_vit(), key="vit", channels="bag", progress=False)
+    ek.embed(five, tmp_path / "mean.h5", _tiny_vit(), key="vit", channels="mean", progress=False)
+    bag, mean = Store(tmp_path / "bag.h5"), Store(tmp_path / "mean.h5")
+    vb, vm = bag.vectors("vit"), mean.vectors("vit")
+    assert vb.shape == (4, 5 * 192) and vm.shape == (4, 192)
+    per_channel = vb.reshape(4, 5, 192)
+    assert not np.allclose(per_channel[:, 0], per_channel[:, 1])  # each channel has its own vector
+    np.testing.assert_allclose(vm, per_channel.mean(axis=1), rtol=1e-4, atol=1e-5)
+    cfg = bag.config("vit")
+    assert cfg["channels"]["names"] == ["DNA", "ER", "RNA", "AGP", "Mito"] and cfg["channels"]["mode"] == "bag"
+    assert cfg["conversion"]["channel_count"] == 5 and cfg["dim"] == 960
+    # the RGB path of a 5-channel file still needs a channel map
+    with pytest.raises(EmbedkitError, match="has 5 channels; pass --channels"):
+        ek.embed(five, tmp_path / "rgb.h5", _tiny_vit(), key="vit", progress=False)

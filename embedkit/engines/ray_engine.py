@@ -136,8 +136,8 @@ def decode_images(batch: dict, pre, conv, store_path: str | None) -> dict:
 class EmbedActor:
     """Ray Data actor: one model replica; converts each block on its device, encodes it, writes its shard."""
 
-    def __init__(self, encoder: list, outputs: list, dtype: str, batch_size: int, skip_bad: bool, plan: Plan,
-                 worker_fault: str):
+    def __init__(self, encoder: list, outputs: list, per_channel: str | None, dtype: str, batch_size: int, skip_bad: bool,
+                 plan: Plan, worker_fault: str):
         import ray
 
         from ..device import autocast
@@ -147,6 +147,7 @@ class EmbedActor:
         self.encoder = ray.get(encoder[0]).to(self.dev).to(memory_format=torch.channels_last)
         self.amp = autocast(self.dev)
         self.outputs, self.dtype, self.batch_size, self.skip_bad = outputs, dtype, batch_size, skip_bad
+        self.per_channel = per_channel  # --channels bag|mean
 
     def __call__(self, batch: dict) -> dict:
         from ..embed import encode, write_outputs
@@ -164,8 +165,9 @@ class EmbedActor:
                     pos = [k for k in range(s, min(s + self.batch_size, len(entries))) if not reasons[k]]
                     if not pos:
                         continue
-                    x = device_batch(group_by_shape([images[k] for k in pos]), len(pos), self.encoder.preprocess, self.dev)
-                    for v, got in zip(vecs, encode(self.encoder, full_batch(x, self.batch_size))):
+                    x = device_batch(group_by_shape([images[k] for k in pos]), len(pos), self.encoder.preprocess, self.dev,
+                                     self.per_channel is not None)
+                    for v, got in zip(vecs, encode(self.encoder, full_batch(x, self.batch_size), self.per_channel)):
                         v[pos] = got[:len(pos)]
             write_outputs(self.outputs, "ray", [i for i, _ in entries], rows, vecs, reasons, [p for _, p in entries],
                           self.dtype)
@@ -300,7 +302,8 @@ class RayEngine:
                   desc=f"embed {work.encoder.spec.name} (ray, {plan.replicas} x {plan.device})", file=sys.stderr) as bar:
             for row in self._stream(ray, blocks, decode_images,
                                     {"pre": work.encoder.preprocess, "conv": work.conv, "store_path": work.store_path},
-                                    EmbedActor, {"encoder": [encoder], "outputs": work.outputs, "dtype": work.dtype,
+                                    EmbedActor, {"encoder": [encoder], "outputs": work.outputs,
+                                                 "per_channel": work.conv.per_channel, "dtype": work.dtype,
                                                  "batch_size": work.batch_size, "skip_bad": work.skip_bad}, plan):
                 if row["error"]:
                     raise EmbedkitError(row["error"])
