@@ -41,17 +41,22 @@ def to_tensor(rgb: np.ndarray, pre: Preprocess, per_channel: bool = False) -> to
 
 def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Conversion = Conversion(),
                  device: str = "cpu", batch_size: int = 32) -> np.ndarray:
-    """Embed a few image files or raw (H, W, C) arrays in memory (queries, notebooks); returns [N, D] float32."""
+    """Embed a few image files or raw (H, W, C) arrays in memory (queries, notebooks); returns [N, D] float32.
+
+    With a layer selected (an encoder rebuilt for a layer key) the vectors are that layer's; ``conv`` may ask for
+    ``--channels bag|mean``.
+    """
     from .images import to_rgb
 
     dev = resolve_device(device)
     model = encoder.to(dev).eval()
+    per_channel = conv.per_channel is not None
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             batch = [to_tensor(load_rgb(im, conv) if isinstance(im, (str, os.PathLike)) else to_rgb(np.asarray(im), conv),
-                               encoder.preprocess) for im in images[s:s + batch_size]]
-            out.append(model(torch.stack(batch).to(dev)).float().cpu().numpy())
+                               encoder.preprocess, per_channel) for im in images[s:s + batch_size]]
+            out.append(encode(model, torch.stack(batch).to(dev), conv.per_channel)[-1])
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 

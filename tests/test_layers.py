@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,25 @@ def test_channels_bag_concatenates_each_channel_and_mean_averages_them(tmp_path)
     # the RGB path of a 5-channel file still needs a channel map
     with pytest.raises(EmbedkitError, match="has 5 channels; pass --channels"):
         ek.embed(five, tmp_path / "rgb.h5", _tiny_vit(), key="vit", progress=False)
+
+
+def test_random_init_baseline_of_a_layer_key_is_that_layer(cells, tmp_path):
+    from embedkit.baselines import ensure_baselines
+
+    store = tmp_path / "s.h5"
+    ek.embed(cells, store, ek.create_encoder("efficientnet_lite0", image_size=64), key="lite", layers="-2",
+             progress=False)
+    keys, _ = ensure_baselines(Store(store), "lite@stage-3", ["random-init"], progress=False)
+    s = Store(store)
+    assert keys == {"random-init": "lite@random-init@stage-3"} and "lite@random-init" in s.keys
+    cfg = s.config("lite@random-init@stage-3")
+    assert cfg["layer"]["index"] == 3 and cfg["random_seed"] == 0 and cfg["dim"] == 112
+    assert not np.allclose(s.vectors("lite@random-init@stage-3"), s.vectors("lite@stage-3"))
+    assert s.resolve_key(None) == "lite"  # layer and baseline keys aside, the store has one key
+    # a layer key's encoder rebuilt from its provenance gives that layer's vectors for new images (queries)
+    from embedkit.embed import embed_images
+    from embedkit.encoders import encoder_from_config
+
+    enc = encoder_from_config(s.config("lite@stage-3"))
+    first = Path(s.root) / str(s.column("path")[0])
+    np.testing.assert_allclose(embed_images(enc, [str(first)])[0], s.vectors("lite@stage-3")[0], rtol=1e-4, atol=1e-5)
