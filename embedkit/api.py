@@ -34,9 +34,9 @@ def _store(store: "Store | PathLike") -> "Store":
 
 
 def _conversion(channels: str | None, percentiles: str | Sequence[float]):
-    from .images import Conversion, parse_channels, parse_percentiles
+    from .images import make_conversion
 
-    return Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
+    return make_conversion(channels, percentiles)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -64,8 +64,11 @@ def embed(source: PathLike | Sequence[PathLike], store: PathLike, encoder: "str 
           key: str | None = None, group_by: str | None = None, channels: str | None = None,
           percentiles: str | Sequence[float] = "1,99.8", device: str = "auto", batch_size: int = 32,
           workers: int | None = None, dtype: str = "float32", skip_bad: bool = False,
-          progress: bool = True) -> "EmbedResult":
-    """Embed images (class folders, a manifest, files, or the store's own crops) into ``store`` under ``key``."""
+          progress: bool = True, layers: str | Sequence[int] | None = None) -> "EmbedResult":
+    """Embed images (class folders, a manifest, files, or the store's own crops) into ``store`` under ``key``.
+
+    ``layers`` ('all', '-1,-2,-4') also stores intermediate layers under ``<key>@block-N`` / ``<key>@stage-N``.
+    """
     from .embed import embed as run_embed
     from .sources import discover
     from .store import write_lock
@@ -76,7 +79,8 @@ def embed(source: PathLike | Sequence[PathLike], store: PathLike, encoder: "str 
     src = str(store) if same else discover([str(p) for p in paths], group_by=group_by)
     with write_lock(store):
         return run_embed(src, store, enc, key=key, conv=_conversion(channels, percentiles), device=device,
-                         batch_size=batch_size, workers=workers, dtype=dtype, skip_bad=skip_bad, progress=progress)
+                         batch_size=batch_size, workers=workers, dtype=dtype, skip_bad=skip_bad, progress=progress,
+                         layers=layers)
 
 
 def segment(fields: PathLike | Sequence[PathLike], store: PathLike, backend: str = "cellpose", *,

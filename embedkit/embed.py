@@ -27,29 +27,36 @@ from .encoders import Encoder, Preprocess
 from .engines.preprocess import device_batch, group_by_shape, resize_normalise
 from .errors import BadImageError, EmbedkitError
 from .images import Conversion, load_rgb
+from .channelbag import fix_channels, fold_channels, output_dim, split_channels
 from .selftest import preprocess_selftest, recheck_run
 from .sources import Source
 
 
-def to_tensor(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize)."""
+def to_tensor(rgb: np.ndarray, pre: Preprocess, per_channel: bool = False) -> torch.Tensor:
+    """RGB float [0, 1] (H, W, 3) -> normalised [3, S, S] tensor (pad to square, antialiased resize);
+    with ``per_channel`` (H, W, C) -> [3C, S, S], each channel a grayscale image (``--channels bag|mean``)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    return resize_normalise(x[None], pre)[0]
+    return resize_normalise(x[None], pre, per_channel)[0]
 
 
 def embed_images(encoder: Encoder, images: Sequence[str | np.ndarray], conv: Conversion = Conversion(),
                  device: str = "cpu", batch_size: int = 32) -> np.ndarray:
-    """Embed a few image files or raw (H, W, C) arrays in memory (queries, notebooks); returns [N, D] float32."""
+    """Embed a few image files or raw (H, W, C) arrays in memory (queries, notebooks); returns [N, D] float32.
+
+    With a layer selected (an encoder rebuilt for a layer key) the vectors are that layer's; ``conv`` may ask for
+    ``--channels bag|mean``.
+    """
     from .images import to_rgb
 
     dev = resolve_device(device)
     model = encoder.to(dev).eval()
+    per_channel = conv.per_channel is not None
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             batch = [to_tensor(load_rgb(im, conv) if isinstance(im, (str, os.PathLike)) else to_rgb(np.asarray(im), conv),
-                               encoder.preprocess) for im in images[s:s + batch_size]]
-            out.append(model(torch.stack(batch).to(dev)).float().cpu().numpy())
+                               encoder.preprocess, per_channel) for im in images[s:s + batch_size]]
+            out.append(encode(model, torch.stack(batch).to(dev), conv.per_channel)[-1])
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
@@ -86,7 +93,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.raw:
                 rgb = self._rgb(i, keep_uint8=True)
                 return item_id, rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32, copy=False), None
-            return item_id, to_tensor(self._rgb(i), self.pre), None
+            return item_id, to_tensor(self._rgb(i), self.pre, self.conv.per_channel is not None), None
         except BadImageError as exc:
             return item_id, None, exc.reason
 
@@ -108,15 +115,30 @@ def collate_raw(batch):
 
 
 @dataclass
+class Output:
+    """One key a run writes (the plain key, or a layer key of ``--layers``): its vector size, provenance and run.
+
+    ``have`` marks the store rows the key already holds (done, or pending in the run's shards): they are not
+    written again when other keys of the same run still need them.
+    """
+
+    key: str
+    dim: int
+    config: dict
+    run: st.Run
+    have: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+
+@dataclass
 class EmbedWork:
-    """What an engine embeds: pending items, where their pixels are, and the run their vector shards go to."""
+    """What an engine embeds: pending items, where their pixels are, and the keys (runs) their vectors go to."""
 
     entries: list[tuple[str, str]]  # (item id, file path or 'store[row]')
     rows: list[int]  # store row of each entry
     store_path: str | None  # the store whose pixels are read; None for files
     encoder: Encoder
     conv: Conversion
-    run: st.Run
+    outputs: list[Output]  # one per encoder output: the plain key first, then each chosen layer
     dtype: str
     batch_size: int
     skip_bad: bool
@@ -136,6 +158,17 @@ def write_vectors(run: st.Run, writer: str, ids: Sequence[str], rows: np.ndarray
                "bad": np.array(list(bad), dtype=object), "paths": np.array(list(paths), dtype=object)})
 
 
+def write_outputs(outputs: Sequence[Output], writer: str, ids: Sequence[str], rows: Sequence[int],
+                  vectors: Sequence[np.ndarray], bad: Sequence[str], paths: Sequence[str], dtype: str) -> None:
+    """Write one shard per output key, of the rows that key does not hold yet (``vectors``: one array per output)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ids, bad, paths = (np.array(list(a), dtype=object) for a in (ids, bad, paths))
+    for out, vecs in zip(outputs, vectors):
+        keep = ~out.have[rows]
+        if keep.any():
+            write_vectors(out.run, writer, ids[keep], rows[keep], np.asarray(vecs)[keep], bad[keep], paths[keep], dtype)
+
+
 @dataclass
 class EmbedResult:
     store: str
@@ -146,6 +179,8 @@ class EmbedResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     report: str | None = None
+    keys: list[str] = field(default_factory=list)  # every key written: the plain key, then one per chosen layer
+    dims: list[int] = field(default_factory=list)  # their vector sizes
 
     @property
     def images_per_second(self) -> float:
@@ -162,24 +197,36 @@ def run_config(encoder: Encoder, conv: Conversion, dtype: str) -> dict:
 def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder, *, key: str | None = None,
           conv: Conversion = Conversion(), device: str = "auto", batch_size: int = 32, workers: int | None = None,
           dtype: str = "float32", skip_bad: bool = False, checkpoint_rows: int = 1024, progress: bool = True,
-          report_path: str | None = None, preprocess: str = "auto", engine=None) -> EmbedResult:
+          report_path: str | None = None, preprocess: str = "auto", engine=None, layers=None) -> EmbedResult:
     """Embed every item of ``source`` (or a store's own pixels when ``source`` is the store path) into the store.
 
     Every check that can refuse the run happens before anything is written. Progress is the set of vector
     shards the run has written; re-running after an interruption resumes from them. ``preprocess``: where
     images are resized and normalised, 'workers' (decoding processes), 'device' (the encoder's device, from
     uint8) or 'auto' (device on CUDA). ``engine``: None runs here; a :class:`~embedkit.engines.ray_engine.RayEngine`
-    runs the encoding on a Ray cluster, with the same checks, resume and commit.
+    runs the encoding on a Ray cluster, with the same checks, resume and commit. ``layers``: intermediate layers
+    stored besides the usual output, each under ``<key>@block-N`` / ``<key>@stage-N`` ('all', '-1,-2,-4', or a
+    :class:`~embedkit.encoders.layers.LayerRequest`; see :meth:`Encoder.select_layers`).
     """
+    from .encoders.layers import LayerRequest, parse_layers
+
     store_path = str(store_path)
     key = st.validate_key(key or st.key_for(encoder.spec.name))
+    if layers is not None:
+        encoder.select_layers(layers if isinstance(layers, LayerRequest) else parse_layers(layers))
+    conv, channels = fix_channels(conv, *_first_pixels(source, store_path, skip_bad)) if conv.per_channel else (conv, {})
     cfg = run_config(encoder, conv, dtype)
-    cfg_fp = st.fingerprint(st.comparable_config(cfg))
+    if channels:
+        cfg["channels"] = channels
     if preprocess not in ("auto", "workers", "device"):
         raise EmbedkitError(f"preprocess={preprocess!r}: choose auto, workers or device")
     dev = resolve_device(device) if engine is None else None
     t0 = time.perf_counter()
     cfg["selftest"] = preprocess_selftest(encoder, conv, dev or torch.device("cpu"))  # refuses a broken transform before anything is written
+    keys = [st.validate_key(k) for k in encoder.output_keys(key)]
+    dims = [output_dim(d, conv) for d in (encoder.dim, *encoder.layer_dims)]
+    outputs = [Output(k, d, {**c, "dim": d}, st.Run(store_path, "embed", k))
+               for k, d, c in zip(keys, dims, encoder.output_configs(key, cfg))]
     with st.write_lock(store_path):
         s = _open_for_writing(store_path)
         from_store = isinstance(source, str)
@@ -193,48 +240,86 @@ def embed(source: Source | str, store_path: str | os.PathLike, encoder: Encoder,
         else:
             new_items = _new_items(source, s, skip_bad)
             entries = [(it.id, source.abspath(it)) for it in source.items]
-        done = None
-        if s is not None and key in s.keys:
-            old = s.config(key)
-            if st.fingerprint(st.comparable_config(old)) != cfg_fp:
-                raise EmbedkitError(st.config_mismatch_message(key, old, cfg))
-            done = s.done(key)
-        run = st.Run(store_path, "embed", key)
-        run.start({"config": cfg, "batch_size": batch_size}, cfg_fp, lambda a, b: describe_differences(a.get("config", {}), b.get("config", {})))
+        done = {o.key: _check_existing(s, o) for o in outputs}
+        for o in outputs:
+            o.run.start({"config": o.config, "batch_size": batch_size}, _fingerprint(o.config),
+                        lambda a, b: describe_differences(a.get("config", {}), b.get("config", {})))
         if new_items:
             append_items(store_path, new_items, source.root)
         s = st.Store(store_path)
         ids = s.ids
         row_of = {i: r for r, i in enumerate(ids)}
-        done = np.zeros(len(ids), bool) if done is None else np.concatenate([done, np.zeros(len(ids) - len(done), bool)])
-        pending = {int(r) for p in run.shards() for r in st.Run.read(p, "rows")["rows"]}
-        todo = [(i, p) for i, p in entries if not done[row_of[i]] and row_of[i] not in pending]
+        for o in outputs:
+            have = np.zeros(len(ids), bool)
+            if done[o.key] is not None:
+                have[:len(done[o.key])] = done[o.key]
+            have[[int(r) for p in o.run.shards() for r in st.Run.read(p, "rows")["rows"]]] = True
+            o.have = have
+        todo = [(i, p) for i, p in entries if not all(o.have[row_of[i]] for o in outputs)]
         n_resumed = len(entries) - len(todo)
         if todo:
-            work = EmbedWork(todo, [row_of[i] for i, _ in todo], store_path if from_store else None, encoder, conv, run,
-                             dtype, batch_size, skip_bad, checkpoint_rows)
+            work = EmbedWork(todo, [row_of[i] for i, _ in todo], store_path if from_store else None, encoder, conv,
+                             outputs, dtype, batch_size, skip_bad, checkpoint_rows)
             if engine is None:
                 on_device = preprocess == "device" or (preprocess == "auto" and dev.type == "cuda")
                 _run(work, dev, workers, on_device, progress, total=len(entries), initial=n_resumed)
             else:
                 engine.embed(work, device, progress=progress, total=len(entries), initial=n_resumed)
-        shards = run.shards()
-        if shards:  # also after a resume that found every vector already written
+        shards = {o.key: o.run.shards() for o in outputs}
+        if any(shards.values()):  # also after a resume that found every vector already written
             pixels_from = store_path if from_store else None
             every = ImageDataset(entries, encoder.preprocess, conv, pixels_from, [row_of[i] for i, _ in entries] if pixels_from else None)
-            cfg["selftest"]["determinism"] = recheck_run(every, encoder, run, dev or torch.device("cpu"))
+            checks = recheck_run(every, lambda x: encode(encoder, x, conv.per_channel), [o.run for o in outputs],
+                                 dev or torch.device("cpu"))
+            for o, check in zip(outputs, checks):
+                o.config["selftest"] = {**o.config["selftest"], "determinism": check}
         bad = {}
-        for p in shards:
+        for p in (p for o in outputs for p in shards[o.key]):
             c = st.Run.read(p, "ids", "bad", "paths")
             bad.update({str(i): (str(path), str(r)) for i, r, path in zip(c["ids"], c["bad"], c["paths"]) if r})
         skipped = list(bad.values())
         report = _write_report(skipped, report_path or f"{os.path.splitext(store_path)[0]}.{key}.skipped.csv") if skipped else None
-        if shards or key not in s.keys:
-            commit_embedding(store_path, run, key, encoder.dim, dtype, cfg, skipped)
-        else:
-            run.finish()
+        for o in outputs:
+            if shards[o.key] or o.key not in s.keys:
+                commit_embedding(store_path, o.run, o.key, o.dim, dtype, o.config, skipped)
+            else:
+                o.run.finish()
     n_new = sum(1 for i, _ in todo if i not in bad)
-    return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report)
+    return EmbedResult(store_path, key, len(entries), n_new, n_resumed, skipped, time.perf_counter() - t0, report,
+                       keys=keys, dims=dims)
+
+
+def _first_pixels(source: Source | str, store_path: str, skip_bad: bool) -> tuple[np.ndarray, str]:
+    """The raw pixels and path of the first readable item, which fix the channel count of ``--channels bag|mean``."""
+    from .images import read_image
+
+    if isinstance(source, str):
+        if not os.path.exists(store_path) or not st.Store(store_path).has_pixels:
+            raise EmbedkitError(f"{store_path} holds no pixels; embed from the image files instead")
+        return st.Store(store_path).pixels(0), ""
+    error = None
+    for it in source.items:
+        try:
+            return read_image(source.abspath(it)), source.abspath(it)
+        except BadImageError as exc:
+            if not skip_bad:
+                raise bad_image(exc.path, exc.reason) from None
+            error = error or exc
+    raise error or EmbedkitError("no images to embed")
+
+
+def _fingerprint(config: dict) -> str:
+    return st.fingerprint(st.comparable_config(config))
+
+
+def _check_existing(s: st.Store | None, out: Output) -> np.ndarray | None:
+    """The done mask of an existing key made with the same configuration (None for a new key); refuse another one."""
+    if s is None or out.key not in s.keys:
+        return None
+    old = s.config(out.key)
+    if _fingerprint(old) != _fingerprint(out.config):
+        raise EmbedkitError(st.config_mismatch_message(out.key, old, out.config))
+    return s.done(out.key)
 
 
 def _open_for_writing(store_path: str) -> st.Store | None:
@@ -267,9 +352,14 @@ def bad_image(path: str, reason: str) -> BadImageError:
                                f"(progress so far is kept and resumes)")
 
 
-def encode(model: Encoder, x: torch.Tensor) -> np.ndarray:
-    """Vectors of one prepared batch (channels-last on the model's device) as float32 on the CPU."""
-    return model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+def encode(model: Encoder, x: torch.Tensor, per_channel: str | None = None) -> list[np.ndarray]:
+    """Vectors of one prepared batch (channels-last on the model's device) as float32 on the CPU, one array per
+    output of the encoder (its usual output, then each chosen layer). ``per_channel`` ('bag' / 'mean'): ``x`` holds
+    each channel as a grayscale image, encoded one by one and then concatenated or averaged."""
+    if per_channel is None:
+        return [v.float().cpu().numpy() for v in model.outputs(x.contiguous(memory_format=torch.channels_last))]
+    parts = model.outputs(split_channels(x).contiguous(memory_format=torch.channels_last))
+    return [fold_channels(v.float(), x.shape[0], per_channel).cpu().numpy() for v in parts]
 
 
 def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: bool, progress: bool,
@@ -289,8 +379,9 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
     encoder = work.encoder
     model = encoder.to(dev).to(memory_format=torch.channels_last)
     amp = autocast(dev)
+    dims = [o.dim for o in work.outputs]
     buf_ids: list[str] = []
-    buf_vecs: list[np.ndarray] = []
+    buf_vecs: list[list[np.ndarray]] = []  # per batch: one array per output
     buf_bad: list[str] = []
     last_flush = time.monotonic()
     path_of = dict(ds.entries)
@@ -299,7 +390,8 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
     def flush():
         nonlocal buf_ids, buf_vecs, buf_bad, last_flush
         if buf_ids:
-            write_vectors(work.run, "w0", buf_ids, np.array([row_of[i] for i in buf_ids]), np.concatenate(buf_vecs), buf_bad,
+            write_outputs(work.outputs, "w0", buf_ids, [row_of[i] for i in buf_ids],
+                          [np.concatenate([b[k] for b in buf_vecs]) for k in range(len(dims))], buf_bad,
                           [path_of[i] for i in buf_ids], work.dtype)
         buf_ids, buf_vecs, buf_bad, last_flush = [], [], [], time.monotonic()
 
@@ -310,12 +402,14 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
             for ids, good_ids, x, bad in loader:
                 if bad and not work.skip_bad:
                     raise bad_image(path_of[bad[0][0]], bad[0][1])
-                vecs = np.full((len(ids), encoder.dim), np.nan, dtype=np.float32)
+                vecs = [np.full((len(ids), d), np.nan, dtype=np.float32) for d in dims]
                 if good_ids:
                     if on_device:
-                        x = device_batch(x, len(good_ids), encoder.preprocess, dev)
-                    pos = {i: k for k, i in enumerate(ids)}
-                    vecs[[pos[i] for i in good_ids]] = encode(model, x.to(dev, non_blocking=cuda))
+                        x = device_batch(x, len(good_ids), encoder.preprocess, dev, work.conv.per_channel is not None)
+                    where = {i: k for k, i in enumerate(ids)}
+                    pos = [where[i] for i in good_ids]
+                    for v, got in zip(vecs, encode(model, x.to(dev, non_blocking=cuda), work.conv.per_channel)):
+                        v[pos] = got
                 reasons = dict(bad)
                 buf_ids += ids
                 buf_vecs.append(vecs)

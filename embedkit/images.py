@@ -141,11 +141,15 @@ class Conversion:
     channels: tuple[int | None, int | None, int | None] | None = None
     percentiles: tuple[float, float] = (1.0, 99.8)
     rescale_8bit: bool = False
+    per_channel: str | None = None  # 'bag' or 'mean' (embedkit.channelbag): every channel as its own grayscale image
+    channel_count: int | None = None  # how many channels per_channel expects (set by embed from the first image)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = None if self.channels is None else list(self.channels)
         d["percentiles"] = list(self.percentiles)
+        if self.per_channel is None:  # absent rather than None, so keys made before these fields keep their fingerprint
+            del d["per_channel"], d["channel_count"]
         return d
 
     @classmethod
@@ -154,7 +158,20 @@ class Conversion:
         d = d or {}
         ch = d.get("channels")
         return cls(channels=None if ch is None else tuple(ch), percentiles=tuple(d.get("percentiles", (1.0, 99.8))),
-                   rescale_8bit=bool(d.get("rescale_8bit", False)))
+                   rescale_8bit=bool(d.get("rescale_8bit", False)), per_channel=d.get("per_channel"),
+                   channel_count=d.get("channel_count"))
+
+
+#: ``--channels`` values that run every channel through the encoder separately (see embedkit.channelbag).
+PER_CHANNEL = ("bag", "mean")
+
+
+def make_conversion(channels: str | None, percentiles: str | Sequence[float] = (1.0, 99.8)) -> Conversion:
+    """The Conversion of ``--channels`` (a channel map, or bag / mean) and ``--percentiles``."""
+    mode = str(channels).strip().lower() if channels is not None else ""
+    if mode in PER_CHANNEL:
+        return Conversion(percentiles=parse_percentiles(percentiles), per_channel=mode)
+    return Conversion(channels=parse_channels(channels), percentiles=parse_percentiles(percentiles))
 
 
 def parse_channels(spec: str | None) -> tuple[int | str | None, int | str | None, int | str | None] | None:
@@ -206,13 +223,16 @@ def _rescale(plane: np.ndarray, conv: Conversion) -> np.ndarray:
 def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image", keep_uint8: bool = False) -> np.ndarray:
     """Convert an (H, W, C) raw array to float32 RGB in [0, 1] following ``conv``.
 
-    Grayscale is replicated, RGBA drops alpha, and any other channel count needs ``conv.channels``.
+    Grayscale is replicated, RGBA drops alpha, and any other channel count needs ``conv.channels``; with
+    ``conv.per_channel`` (bag / mean) every channel is kept instead, as (H, W, C).
     ``keep_uint8``: 8-bit input that maps linearly (value / 255) stays uint8, so the division can happen
     later on the encoder's device (the result divided by 255 equals the float32 output exactly).
     """
     if arr.ndim != 3:
         arr = _to_hwc(arr, path)
     c = arr.shape[2]
+    if conv.per_channel is not None:
+        return _all_channels(arr, conv, path, keep_uint8)
     if conv.channels is not None and any(isinstance(i, str) for i in conv.channels):
         from .formats import resolve_channel_names
 
@@ -238,6 +258,17 @@ def to_rgb(arr: np.ndarray, conv: Conversion = Conversion(), path: str = "image"
     if c in (3, 4):
         return np.stack([rescale(arr[:, :, i]) for i in range(3)], axis=-1)
     raise BadImageError(path, f"has {c} channels; pass --channels to map them to RGB, e.g. --channels 0,1,2 or --channels 1,0,-")
+
+
+def _all_channels(arr: np.ndarray, conv: Conversion, path: str, keep_uint8: bool) -> np.ndarray:
+    """Every channel rescaled on its own, (H, W, C), for ``--channels bag|mean``; refuse another channel count."""
+    c = arr.shape[2]
+    if conv.channel_count is not None and c != conv.channel_count:
+        raise BadImageError(path, f"has {c} channel(s); --channels {conv.per_channel} in this run takes "
+                                  f"{conv.channel_count}, as its first image has")
+    if keep_uint8 and arr.dtype == np.uint8 and not conv.rescale_8bit:
+        return np.ascontiguousarray(arr)
+    return np.stack([_rescale(arr[:, :, i], conv) for i in range(c)], axis=-1)
 
 
 def load_rgb(path: str | os.PathLike, conv: Conversion = Conversion()) -> np.ndarray:

@@ -4,7 +4,7 @@ and a few items re-embedded after it (determinism). Both results go into the key
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,18 +30,22 @@ def preprocess_selftest(encoder, conv, device: torch.device | str = "cpu",
     Raises EmbedkitError on NaN/Inf, a constant channel, inputs outside the range the normalisation expects,
     or signs of double rescaling (an input that spans a tiny part of its expected range).
     """
-    from .embed import to_tensor
+    from .embed import encode, to_tensor
     from .images import to_rgb
 
     pre = encoder.preprocess
+    image = test_image()
+    if conv.per_channel:  # --channels bag|mean: as many channels as the run's images, each a different pattern
+        image = np.stack([image[:, :, k % 3] for k in range(conv.channel_count or 3)], axis=2)
     try:
-        rgb = to_rgb(test_image(), conv, "self-test image")
+        rgb = to_rgb(image, conv, "self-test image")
     except (EmbedkitError, IndexError, ValueError):  # a channel map for other files: test the rest of the chain
-        rgb = to_rgb(test_image(), type(conv)(percentiles=conv.percentiles), "self-test image")
-    x = (transform or to_tensor)(rgb, pre)
+        rgb = to_rgb(image, type(conv)(percentiles=conv.percentiles), "self-test image")
+    per_channel = rgb.shape[2] != 3 or conv.per_channel is not None
+    x = transform(rgb, pre) if transform else to_tensor(rgb, pre, per_channel)
     x = torch.as_tensor(x, dtype=torch.float32)
-    mean = torch.tensor(pre.mean, dtype=torch.float32)
-    std = torch.tensor(pre.std, dtype=torch.float32)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).repeat(x.shape[0] // 3)
+    std = torch.tensor(pre.std, dtype=torch.float32).repeat(x.shape[0] // 3)
     lo, hi = (0 - mean) / std, (1 - mean) / std  # what [0, 1] inputs become after normalisation
     problems = []
     if not torch.isfinite(x).all():
@@ -59,8 +63,8 @@ def preprocess_selftest(encoder, conv, device: torch.device | str = "cpu",
                             f"signs of double rescaling (pixels already in [0, 1] divided by 255 again)")
     if not problems:
         with torch.inference_mode():
-            v = encoder.to(device)(x[None].to(device)).float().cpu()
-        if not torch.isfinite(v).all():
+            v = encode(encoder.to(device), x[None].to(device), conv.per_channel)[0]
+        if not np.isfinite(v).all():
             problems.append("the encoder returns NaN or Inf for the test image")
     if problems:
         raise EmbedkitError("preprocessing self-test failed: " + "; ".join(problems))
@@ -82,23 +86,35 @@ def determinism_check(stored: np.ndarray, again: np.ndarray, device: torch.devic
     return out
 
 
-def recheck_run(ds, encoder, run, device: torch.device | str, n: int = 4) -> dict:
-    """Re-embed up to ``n`` good items this invocation embedded, one by one, and compare with what its shards hold."""
+def recheck_run(ds, encode: Callable[[torch.Tensor], list[np.ndarray]], runs: Sequence, device: torch.device | str,
+                n: int = 4) -> list[dict]:
+    """Re-embed up to ``n`` good items per run that this invocation embedded, one by one, and compare them with
+    what the run's shards hold; ``encode`` gives a batch's vectors per output (its usual output, then each chosen
+    layer), in the order of ``runs``."""
     pos = {str(i): k for k, (i, _) in enumerate(ds.entries)}
-    stored, again = [], []
+    stored: list[list[np.ndarray]] = [[] for _ in runs]
+    again: list[list[np.ndarray]] = [[] for _ in runs]
+    cache: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
-        for shard in run.shards():
-            if len(stored) >= n:
-                break
-            c = type(run).read(shard, "ids", "vectors")
-            for j, i in enumerate(c["ids"]):
-                if len(stored) >= n:
+        for k, run in enumerate(runs):
+            for shard in run.shards():
+                if len(stored[k]) >= n:
                     break
-                if str(i) in pos and np.isfinite(c["vectors"][j]).all():
-                    _, x, _ = ds[pos[str(i)]]
-                    again.append(encoder(x[None].to(device)).float().cpu().numpy()[0])
-                    stored.append(np.asarray(c["vectors"][j], dtype=np.float32).ravel())
-    if not stored:
-        return {"items": 0, "passed": True}
-    stored_a = np.stack(stored)
-    return determinism_check(stored_a, np.asarray(again, dtype=np.float32).reshape(stored_a.shape), device)
+                c = type(run).read(shard, "ids", "vectors")
+                for j, i in enumerate(c["ids"]):
+                    if len(stored[k]) >= n:
+                        break
+                    if str(i) in pos and np.isfinite(c["vectors"][j]).all():
+                        if str(i) not in cache:
+                            _, x, _ = ds[pos[str(i)]]
+                            cache[str(i)] = [v[0] for v in encode(x[None].to(device))]
+                        again[k].append(cache[str(i)][k])
+                        stored[k].append(np.asarray(c["vectors"][j], dtype=np.float32).ravel())
+    out = []
+    for s_k, a_k in zip(stored, again):
+        if not s_k:
+            out.append({"items": 0, "passed": True})
+            continue
+        stored_a = np.stack(s_k)
+        out.append(determinism_check(stored_a, np.asarray(a_k, dtype=np.float32).reshape(stored_a.shape), device))
+    return out

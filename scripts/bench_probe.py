@@ -8,8 +8,15 @@ the paired differences encoder - baseline (group-paired bootstrap, Holm). In the
 reference on run 0: standardised features and scikit-learn LogisticRegression(C=0.1, class_weight='balanced')
 on the same train part, scored on the same test part. Target: the best head is at least as good.
 
-SVM speed part (--svm-rows, default 5,000 x 1,280 synthetic features): the SVM head's whole C search,
-timed for this code and, with --svm-before DIR, for an earlier checkout in the same run.
+SVM speed part (--svm-rows, default 5,000 x 1,280 synthetic features): the SVM head's whole C search in the
+same run with the Newton-CG solver (after) and the L-BFGS solver it replaced (before, still selectable as
+svm_solver='lbfgs'): seconds, chosen C, and the validation score at every C of both; with --svm-before DIR
+also an earlier checkout.
+
+Layers part (--layers-part, needs ../shared/data/mitocheck): all MitoCheck cells embedded with lite0 and
+--layers all (cached under bench/), then probe --layers best: every stage's validation and test scores, the
+stage chosen on validation per head, and its paired difference to the plain key (lite0's usual output) on the
+same test items (group-paired bootstrap CI).
 
 Part 2 (synthetic, always runs unless --skip-scale): a store of N x D float16 clustered embeddings
 (default 1,000,000 x 768). `embedkit probe --heads logreg` runs in a child process whose peak RSS is
@@ -126,7 +133,7 @@ def mitocheck(data: Path, bench: Path, device: str, heads_wanted: tuple[str, ...
             "runs": report.run_names, "probe_seconds_with_baselines": round(probe_seconds, 1),
             "ci_method": report.results[0].record.get("ci_method"),
             "heads": heads, "baselines": baselines, "paired_differences": paired,
-            "best_layer_vs_last": "not measured: embed --layers is not implemented yet",
+            "best_layer_vs_last": "see the layers part (--layers-part)",
             "reference_on_run0": reference, "best_head": best,
             "best_minus_reference_on_run0": vs_reference,
             "target_best_at_least_reference_on_run0": best_run0 >= reference["balanced_accuracy"]}
@@ -138,7 +145,7 @@ CHILD_SVM = """
 import json, sys, time, numpy as np
 from embedkit.probe.features import Preprocessor
 from embedkit.probe.heads import FitInput, HeadOptions, fit_head
-n, d, k, impl = int(sys.argv[1]), int(sys.argv[2]), 10, sys.argv[3]
+n, d, k, impl, solver = int(sys.argv[1]), int(sys.argv[2]), 10, sys.argv[3], sys.argv[4]
 rng = np.random.default_rng(0); y = rng.integers(0, k, n)
 x = rng.normal(size=(k, d)).astype(np.float32)[y] * 0.08 + rng.normal(size=(n, d)).astype(np.float32)
 tr, va = np.arange(int(n * 0.8)), np.arange(int(n * 0.8), n)
@@ -159,29 +166,65 @@ if impl == "sklearn":
 else:
     pre = Preprocessor().fit(x, tr)
     fi = FitInput(x=x, y=y, train=tr, train_weight=None, val=va, classes=[str(i) for i in range(k)])
-    p = fit_head("svm", fi, pre, HeadOptions(c_grid=grid, device="cpu"))
-    out = {"val_balanced_accuracy": max(r["val_balanced_accuracy"] for r in p.params["search"]), "C": p.params["C"],
-           "converged": sum(bool(r["converged"]) for r in p.params["search"]),
-           "iterations": sum(r["iterations"] for r in p.params["search"])}
+    opts = HeadOptions(c_grid=grid, device="cpu", **({} if solver == "default" else {"svm_solver": solver}))
+    p = fit_head("svm", fi, pre, opts)
+    out = {"solver": solver, "val_balanced_accuracy": max(r["val_balanced_accuracy"] for r in p.params["search"]),
+           "C": p.params["C"], "converged": sum(bool(r["converged"]) for r in p.params["search"]),
+           "iterations": sum(r["iterations"] for r in p.params["search"]),
+           "val_balanced_accuracy_per_C": [round(r["val_balanced_accuracy"], 4) for r in p.params["search"]]}
 print("JSON " + json.dumps({"seconds": round(time.perf_counter() - t, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
                             "grid": len(grid), **out}))
 """
 
 
 def svm_speed(n: int, dim: int, before: str | None, with_sklearn: bool) -> dict:
-    """The SVM head's whole 12-value C search on N x D synthetic features: this code, an earlier checkout, LinearSVC."""
-    runs = {"after": str(ROOT)} | ({"before": before} if before else {})
+    """The SVM head's whole 12-value C search on N x D synthetic features: Newton-CG (after) and L-BFGS (before) in
+    this code, optionally an earlier checkout and LinearSVC."""
+    runs = {"after": (str(ROOT), "newton"), "before": (str(ROOT), "lbfgs")}
+    runs |= {"before_checkout": (before, "default")} if before else {}
+    runs |= {"sklearn_linearsvc": (str(ROOT), "default")} if with_sklearn else {}
     out: dict = {"rows": n, "dim": dim, "classes": 10, "train_val": "80/20"}
-    for name, code in list(runs.items()) + ([("sklearn_linearsvc", str(ROOT))] if with_sklearn else []):
-        r = child([sys.executable, "-c", CHILD_SVM, str(n), str(dim), "sklearn" if name.startswith("sklearn") else "embedkit"],
-                  env={"PYTHONPATH": code})
+    for name, (code, solver) in runs.items():
+        r = child([sys.executable, "-c", CHILD_SVM, str(n), str(dim), "sklearn" if name.startswith("sklearn") else "embedkit",
+                   solver], env={"PYTHONPATH": code})
         line = next((ln for ln in r["output_tail"].splitlines() if ln.startswith("JSON ")), None)
         out[name] = json.loads(line[5:]) if line else {"returncode": r["returncode"], "output_tail": r["output_tail"]}
         out[name]["code"] = code
-    if "before" in out and "seconds" in out["before"]:
+    if "seconds" in out["before"] and "seconds" in out["after"]:
         out["speedup_after_vs_before"] = round(out["before"]["seconds"] / out["after"]["seconds"], 2)
         out["cpu_speedup_after_vs_before"] = round(out["before"]["cpu_seconds"] / out["after"]["cpu_seconds"], 2)
+        a, b = out["after"]["val_balanced_accuracy_per_C"], out["before"]["val_balanced_accuracy_per_C"]
+        out["same_chosen_C"] = out["after"]["C"] == out["before"]["C"]
+        out["max_abs_val_difference_over_grid"] = round(max(abs(x - y) for x, y in zip(a, b)), 4)
     return out
+
+
+# --------------------------------------------------------------------------- layers: best stage of lite0 vs its last
+
+
+def layers_part(data: Path, bench: Path, device: str, heads: tuple[str, ...], seeds: int) -> dict:
+    """lite0 with every stage stored (one key per stage), probe --layers best on the same splits."""
+    from embedkit.embed import embed
+    from embedkit.encoders import create_encoder
+    from embedkit.probe import HeadOptions, ProbeSettings, run_probe
+    from embedkit.probe.layers import choice_lines, choice_record
+    from embedkit.sources import discover
+    from embedkit.splits import SplitSpec
+
+    store = bench / "mitocheck_lite0.h5"
+    t0 = time.perf_counter()
+    res = embed(discover(data / "mitocheck", group_by="mitocheck"), store, create_encoder("efficientnet_lite0"),
+                layers="all", progress=True)
+    embed_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = run_probe(store, bench / "probe_layers", settings=ProbeSettings(
+        heads=heads, head_options=HeadOptions(device=device), split=SplitSpec(seeds=seeds), baselines=(),
+        leak_check=False, layers="best"), progress=True)
+    print(*choice_lines(report.layers), sep="\n", file=sys.stderr)
+    return {"store": str(store), "keys": res.keys, "dims": res.dims, "embed_seconds_this_run": round(embed_seconds, 1),
+            "probe_seconds": round(time.perf_counter() - t0, 1), "runs": report.run_names,
+            "splits_fingerprint": report.splits.fingerprint(), **choice_record(report.layers),
+            "summary": choice_lines(report.layers)}
 
 
 # --------------------------------------------------------------------------- part 2: scale
@@ -302,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--svm-dim", type=int, default=1280)
     ap.add_argument("--svm-before", help="a checkout of an earlier embedkit to time the same SVM search against")
     ap.add_argument("--svm-sklearn", action="store_true", help="also time scikit-learn's LinearSVC over the same grid")
+    ap.add_argument("--layers-part", action="store_true", help="best lite0 stage against its usual output on MitoCheck")
+    ap.add_argument("--layers-heads", default="logreg", help="heads of the layers part")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bench = Path(args.out).resolve().parent
@@ -315,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         result["mitocheck"] = f"skipped: {data / 'mitocheck'} not found"
     else:
         result["mitocheck"] = mitocheck(data, bench, args.device, tuple(args.heads.split(",")), args.seeds)
+    if args.layers_part and (data / "mitocheck").is_dir():
+        result["layers"] = layers_part(data, bench, args.device, tuple(args.layers_heads.split(",")), args.seeds)
+    elif args.layers_part:
+        result["layers"] = f"skipped: {data / 'mitocheck'} not found"
     if args.svm_rows:
         result["svm_speed"] = svm_speed(args.svm_rows, args.svm_dim, args.svm_before, args.svm_sklearn)
     if args.skip_scale:

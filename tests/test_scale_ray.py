@@ -183,3 +183,17 @@ def test_segment_and_patches_on_ray_equal_local(cluster, tmp_path):
                         progress=False, engine=engine)
     assert_same_store(stores["local"], stores["ray"])
     assert len(Store(stores["ray"])) >= 24
+
+
+def test_layers_on_ray_equal_local(cluster, cells, tmp_path):
+    """--layers under --engine ray: the same keys and vectors as the local engine (one forward pass per block)."""
+    keys = {}
+    for name, engine in (("local", None), ("ray", RayEngine(replicas=2))):
+        enc = create_encoder("efficientnet_lite0", image_size=SIZE)
+        res = embed(discover(cells, group_by="mitocheck"), tmp_path / f"{name}.h5", enc, batch_size=BATCH,
+                    checkpoint_rows=BATCH, progress=False, engine=engine, layers="-1,-3")
+        keys[name] = res.keys
+    assert keys["ray"] == keys["local"] == ["efficientnet_lite0", "efficientnet_lite0@stage-4", "efficientnet_lite0@stage-2"]
+    ray_store, local_store = Store(tmp_path / "ray.h5"), Store(tmp_path / "local.h5")
+    for k in keys["ray"]:
+        assert ray_store.done(k).all() and np.abs(ray_store.vectors(k) - local_store.vectors(k)).max() <= 1e-5

@@ -30,8 +30,13 @@ def random_encoder(name: str, seed: int = RANDOM_SEED, pooling: str | None = Non
 
 
 def random_init_key(key: str) -> str:
-    """The store key of ``key``'s random-init baseline."""
-    return key if key.endswith(SUFFIX) else f"{key}{SUFFIX}"
+    """The store key of ``key``'s random-init baseline; of a layer key ``<k>@block-N``, ``<k>@random-init@block-N``."""
+    from ..encoders.layers import split_layer_key
+
+    base, layer = split_layer_key(key)
+    if base.endswith(SUFFIX):
+        return key
+    return f"{base}{SUFFIX}@{layer}" if layer else f"{key}{SUFFIX}"
 
 
 def store_source(store: Store):
@@ -58,7 +63,9 @@ def embed_random_init(store: Store, key: str, seed: int = RANDOM_SEED, device: s
     enc = random_encoder(cfg["encoder"], seed, pooling=cfg.get("pooling") if spec.is_vit else None,
                          image_size=int(cfg["preprocess"]["size"]))
     source = store.path if store.has_pixels else store_source(store)
-    out = random_init_key(key)
-    embed(source, store.path, enc, key=out, conv=Conversion.from_dict(cfg.get("conversion")), device=device,
-          dtype=cfg.get("dtype") or "float32", skip_bad=True, progress=progress)
-    return out
+    layer = cfg.get("layer")  # a layer key: the same layer of the random network (its plain key comes with it)
+    base = random_init_key(layer["of_key"]) if layer else random_init_key(key)
+    embed(source, store.path, enc, key=base, conv=Conversion.from_dict(cfg.get("conversion")), device=device,
+          dtype=cfg.get("dtype") or "float32", skip_bad=True, progress=progress,
+          layers=str(layer["index"]) if layer else None)
+    return random_init_key(key)

@@ -57,9 +57,13 @@ def _floats(text: str, name: str) -> list[float]:
                    "check a sample of test items for copies in train/val and print the verdict.")
 @click.option("--refit", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="trainval: after choosing hyper-parameters on validation, refit on train + validation before the test.")
+@click.option("--layers", help="best: also probe every layer key of the encoder (<key>@block-N / <key>@stage-N from "
+                               "'embed --layers') on the same splits, list every layer's scores and choose the layer per "
+                               "head on validation only (OUT/layers/<layer>/, OUT/layers.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, folds, seeds, seed, classes, balance,
-          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, refit, leak_check, quiet):
+          standardise, l2, pca_whiten, pca_dim, c_grid, k_grid, temperature, max_iter, device, n_boot, baselines, refit, leak_check,
+          layers, quiet):
     """Fit linear, SVM and kNN probes on stored embeddings and report test metrics with 95% CIs.
 
     \b
@@ -75,10 +79,13 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
     """
     from ..probe import HeadOptions, ProbeSettings, run_probe, summary_table
     from ..baselines import BASELINES
-    from ..probe.evaluate import baseline_lines, summary_header
+    from ..probe.evaluate import baseline_lines, fixed_width, summary_header
     from ..probe.heads import solver_device
+    from ..probe.layers import choice_lines, layer_table, parse_layer_choice
     from ..splits import SplitSpec
     from ..store import Store
+
+    layers = parse_layer_choice(layers)
 
     k_values = [int(v) for v in _floats(k_grid, "--k")]
     opts = HeadOptions(c_grid=_floats(c_grid, "--C"), k_grid=k_values, temperature=temperature, max_iter=max_iter,
@@ -87,7 +94,7 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
                              pca_dim=pca_dim, split=SplitSpec(splits_path, test_size, val_size, folds, seeds, seed),
                              classes=[c.strip() for c in classes.split(",")] if classes else None,
                              head_options=opts, n_boot=n_boot, baselines=BASELINES if baselines else (), refit=refit,
-                             leak_check=leak_check)
+                             leak_check=leak_check, layers=layers)
     s = Store(store)
     if out is None:
         out = os.path.join("results", f"{Path(store).stem}-{s.resolve_key(key)}")
@@ -97,6 +104,11 @@ def probe(store, key, heads, out, group_by, splits_path, test_size, val_size, fo
         click.echo(f"note: {note}", err=True)
     click.echo(summary_header(report))
     click.echo(summary_table(report))
+    if report.layers:
+        click.echo("layers (chosen per head on validation only):")
+        click.echo(fixed_width(layer_table(report.layers)))
+        for line in choice_lines(report.layers):
+            click.echo(line)
     for line in baseline_lines(report):
         click.echo(line)
     if report.leak_check:

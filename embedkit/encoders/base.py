@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .layers import LayerRequest, Taps, layer_key, resolve
 from .specs import IMAGENET_MEAN, IMAGENET_STD, POOLINGS, EncoderSpec, Preprocess  # noqa: F401 (re-exported)
 
 
@@ -21,7 +22,7 @@ class Encoder(nn.Module):
 
     def __init__(self, spec: EncoderSpec, model: nn.Module, features: Callable[[torch.Tensor], torch.Tensor],
                  preprocess: Preprocess, pooling: str | None, num_prefix_tokens: int, dim: int,
-                 weights_source: str, weights_fingerprint: str):
+                 weights_source: str, weights_fingerprint: str, taps: Taps | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
@@ -33,6 +34,10 @@ class Encoder(nn.Module):
         self.weights_source = weights_source
         self.weights_fingerprint = weights_fingerprint
         self.extra_config: dict = {}  # provenance added by wrappers (random-init seed, layer)
+        self.taps = taps  # the backend's intermediate layers (blocks or stages), None when it offers none
+        self.layers: tuple[int, ...] = ()  # chosen with select_layers: stored besides the usual output
+        self.layer_dims: tuple[int, ...] = ()
+        self.final_layer: str | None = None  # the layer the usual output is, when it is one of the taps
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -56,6 +61,55 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x))
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The usual pooled output, then the pooled features of each chosen layer: one forward pass for all."""
+        if not self.layers:
+            return [self(x)]
+        final, feats = self.taps.capture(x, self.layers)
+        return [self.pool(final)] + [self.pool(f) for f in feats]
+
+    def layer_name(self, index: int) -> str:
+        return f"{self.taps.kind}-{index}"
+
+    def select_layers(self, request: LayerRequest | None) -> list[str]:
+        """Choose the intermediate layers ``outputs`` returns (refusing ones the network lacks); return their names.
+
+        A chosen layer whose pooled features are the usual output (checked on one input) is not returned
+        twice: it is recorded as ``final_layer`` and stays under the plain key.
+        """
+        self.layers, self.layer_dims, self.final_layer = (), (), None
+        if request is None:
+            return []
+        chosen = resolve(request, self.taps, self.spec.name)
+        probe = torch.Generator().manual_seed(0)
+        size = self.preprocess.size
+        x = torch.randn((2, 3, size, size), generator=probe).to(next(self.model.parameters()).device)
+        with torch.inference_mode():
+            self.layers = tuple(range(len(self.taps)))
+            out = self.outputs(x)
+        usual, pooled = out[0], out[1:]
+        for i, v in enumerate(pooled):
+            if v.shape == usual.shape and torch.allclose(v, usual, rtol=1e-5, atol=1e-6):
+                self.final_layer = self.layer_name(i)
+        keep = [i for i in chosen if self.layer_name(i) != self.final_layer]
+        self.layers = tuple(keep)
+        self.layer_dims = tuple(int(pooled[i].shape[1]) for i in keep)
+        return [self.layer_name(i) for i in keep]
+
+    def output_keys(self, key: str) -> list[str]:
+        """Store keys of ``outputs``: ``key``, then ``key@block-N`` / ``key@stage-N`` per chosen layer."""
+        return [key] + [layer_key(key, self.taps.kind, i) for i in self.layers]
+
+    def output_configs(self, key: str, base: dict) -> list[dict]:
+        """Provenance of each output's key: ``base`` (the run's config), plus the layer for layer keys."""
+        out = [base]
+        for i, dim in zip(self.layers, self.layer_dims):
+            layer = {"name": self.layer_name(i), "kind": self.taps.kind, "index": i, "count": len(self.taps),
+                     "module": self.taps.names[i], "of_key": key,
+                     "plain_key_is": self.final_layer or "the encoder's usual output (after the last layer)"}
+            out.append({**base, "dim": dim, "layer": layer})
+        return out
 
     @property
     def config(self) -> dict:

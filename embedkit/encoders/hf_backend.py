@@ -16,6 +16,7 @@ import torch
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
 from .checkpoints import check_keys, first_line
+from .layers import HiddenStateTaps
 
 
 def hf_spec(name: str) -> EncoderSpec:
@@ -81,7 +82,19 @@ def build_hf(spec: EncoderSpec, weights: str | None, pooling: str | None, image_
 
     return Encoder(spec, model, features, preprocess.with_size(size), pooling or spec.pooling, num_prefix, dim,
                    weights_source=f"transformers:{source}" if pretrained else "random-init",
-                   weights_fingerprint=state_dict_fingerprint(model))
+                   weights_fingerprint=state_dict_fingerprint(model), taps=_hf_taps(model))
+
+
+def _hf_taps(model: torch.nn.Module) -> HiddenStateTaps | None:
+    """Blocks of a transformers ViT (final norm applied, as to its last hidden state), or stages of a ConvNeXt."""
+    cfg = model.config
+    if getattr(cfg, "depths", None):  # ConvNeXt-style: one hidden state per stage
+        return HiddenStateTaps("stage", model, len(cfg.depths), None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not n:
+        return None
+    norm = getattr(model, "layernorm", None) or getattr(model, "norm", None)
+    return HiddenStateTaps("block", model, int(n), norm)
 
 
 def _load_hf(spec: EncoderSpec, source: str, pretrained: bool) -> torch.nn.Module:

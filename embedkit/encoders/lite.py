@@ -15,6 +15,7 @@ from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, state_dict_fingerprint
 from .catalogue import lite_weights_path
 from .checkpoints import load_checked, read_state_dict
+from .layers import timm_taps
 
 
 def map_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
@@ -57,4 +58,4 @@ def build_lite(spec: EncoderSpec, weights: str | None, image_size: int | None, p
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
     return Encoder(replace(spec), model, features, spec.preprocess.with_size(image_size), None, 0,
-                   int(model.num_features), source, state_dict_fingerprint(model))
+                   int(model.num_features), source, state_dict_fingerprint(model), taps=timm_taps(model, False, features))

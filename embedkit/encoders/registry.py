@@ -149,6 +149,8 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, pooling:
 def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) -> Encoder:
     """Rebuild the exact encoder a store key was made with, and refuse if its weights differ.
 
+    For a layer key (``<key>@block-N``) that layer is selected, so ``outputs(x)[-1]`` gives the key's vectors.
+
     ``config`` is a store key's recorded configuration. Weights given as a local file must be passed
     again (``weights``) unless they came from a hub or a package that is present here.
     """
@@ -171,4 +173,9 @@ def encoder_from_config(config: dict, weights: str | os.PathLike | None = None) 
     if source != "random-init" and enc.weights_fingerprint != config.get("weights_fingerprint"):
         raise EmbedkitError(f"encoder {config['encoder']}: weights here (fingerprint {enc.weights_fingerprint}) differ from "
                             f"those the store was made with ({config.get('weights_fingerprint')}); pass the original --weights")
+    if config.get("layer"):  # a layer key (embed --layers): its vectors are the last of the encoder's outputs
+        from .layers import LayerRequest
+
+        index = int(config["layer"]["index"])
+        enc.select_layers(LayerRequest(str(index), indices=(index,)))
     return enc

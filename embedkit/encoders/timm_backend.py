@@ -9,6 +9,7 @@ import torch
 from ..errors import EmbedkitError, WeightsNotFoundError
 from .base import Encoder, EncoderSpec, Preprocess, state_dict_fingerprint
 from .checkpoints import first_line, load_checked, read_state_dict
+from .layers import timm_taps
 
 
 def timm_spec(name: str) -> EncoderSpec:
@@ -121,4 +122,4 @@ def build_timm(spec: EncoderSpec, weights: str | None, pooling: str | None, imag
         dim = int(model.num_features)
     source = f"file:{weights}" if weights else (f"timm-hub:{spec.arch}" if pretrained else "random-init")
     return Encoder(replace(spec, dim=dim), model, features, preprocess, pool, num_prefix, dim, source,
-                   state_dict_fingerprint(model))
+                   state_dict_fingerprint(model), taps=timm_taps(model, tokens, features))

@@ -9,6 +9,7 @@ from ..errors import WeightsNotFoundError
 from .base import Encoder, EncoderSpec, file_fingerprint, state_dict_fingerprint
 from .catalogue import torchvision_cache_path
 from .checkpoints import load_checked, read_state_dict
+from .layers import module_taps
 
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
@@ -44,6 +45,16 @@ def _strip_head(arch: str, model: nn.Module) -> nn.Module:
     return model
 
 
+def stage_modules(arch: str, model: nn.Module) -> list[str]:
+    """The modules whose outputs are the network's stages, in order (ResNet layer1-4, EfficientNet and SqueezeNet
+    ``features`` children, Inception's Mixed blocks)."""
+    if arch.startswith("resnet"):
+        return ["layer1", "layer2", "layer3", "layer4"]
+    if arch == "inception_v3":
+        return [n for n, _ in model.named_children() if n.startswith("Mixed")]
+    return [f"features.{n}" for n, _ in model.features.named_children()]
+
+
 def build_torchvision(spec: EncoderSpec, weights: str | None, image_size: int | None, pretrained: bool) -> Encoder:
     model = _architecture(spec.arch, random_init=not (pretrained or weights))
     source = "random-init"
@@ -68,4 +79,5 @@ def build_torchvision(spec: EncoderSpec, weights: str | None, image_size: int | 
         return out.logits if hasattr(out, "logits") else out
 
     fp = file_fingerprint(weights) if weights else state_dict_fingerprint(model)
-    return Encoder(spec, model, features, spec.preprocess.with_size(image_size), None, 0, int(spec.dim), source, fp)
+    return Encoder(spec, model, features, spec.preprocess.with_size(image_size), None, 0, int(spec.dim), source, fp,
+                   taps=module_taps(model, stage_modules(spec.arch, model), features))

@@ -20,8 +20,12 @@ from ..encoders import Preprocess
 Group = tuple[torch.Tensor, torch.Tensor]
 
 
-def resize_normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """RGB float [0, 1] batch [B, 3, H, W] -> normalised [B, 3, S, S] (pad to square, antialiased resize)."""
+def resize_normalise(x: torch.Tensor, pre: Preprocess, per_channel: bool = False) -> torch.Tensor:
+    """RGB float [0, 1] batch [B, 3, H, W] -> normalised [B, 3, S, S] (pad to square, antialiased resize).
+
+    ``per_channel`` (``--channels bag|mean``): [B, C, H, W] of any C -> [B, 3C, S, S], each channel replicated to
+    the encoder's three input channels and normalised as a grayscale image.
+    """
     h, w = x.shape[2:]
     if pre.resize == "pad" and h != w:
         s = max(h, w)
@@ -35,6 +39,9 @@ def resize_normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
             x = x.clamp_(0.0, 1.0)
     mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device)[:, None, None]
     std = torch.tensor(pre.std, dtype=torch.float32, device=x.device)[:, None, None]
+    if per_channel:
+        b, c, s, _ = x.shape
+        return ((x[:, :, None] - mean) / std).reshape(b, 3 * c, s, s)
     return (x - mean) / std
 
 
@@ -44,7 +51,7 @@ def unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_by_shape(images: Sequence[np.ndarray]) -> list[Group]:
-    """Stack (H, W, 3) images of equal shape and dtype into groups, keeping each image's batch position."""
+    """Stack (H, W, C) images of equal shape and dtype into groups, keeping each image's batch position."""
     groups: dict[tuple, list[int]] = {}
     for k, im in enumerate(images):
         groups.setdefault((im.shape, im.dtype.str), []).append(k)
@@ -52,11 +59,14 @@ def group_by_shape(images: Sequence[np.ndarray]) -> list[Group]:
             for pos in groups.values()]
 
 
-def device_batch(groups: Sequence[Group], n: int, pre: Preprocess, device: torch.device) -> torch.Tensor:
-    """Encoder input [n, 3, S, S] on ``device`` from groups of native-size images, converted on the device."""
-    out = torch.empty((n, 3, pre.size, pre.size), dtype=torch.float32, device=device)
+def device_batch(groups: Sequence[Group], n: int, pre: Preprocess, device: torch.device,
+                 per_channel: bool = False) -> torch.Tensor:
+    """Encoder input [n, 3, S, S] ([n, 3C, S, S] with ``per_channel``) on ``device`` from groups of native-size
+    images, converted on the device."""
+    planes = 3 * groups[0][1].shape[3] if per_channel else 3
+    out = torch.empty((n, planes, pre.size, pre.size), dtype=torch.float32, device=device)
     cuda = device.type == "cuda"
     for pos, imgs in groups:
         x = imgs.to(device, non_blocking=cuda).permute(0, 3, 1, 2)
-        out[pos.to(device)] = resize_normalise(unit_float(x), pre)
+        out[pos.to(device)] = resize_normalise(unit_float(x), pre, per_channel)
     return out

@@ -136,7 +136,8 @@ def decode_images(batch: dict, pre, conv, store_path: str | None) -> dict:
 class EmbedActor:
     """Ray Data actor: one model replica; converts each block on its device, encodes it, writes its shard."""
 
-    def __init__(self, encoder: list, run, dtype: str, batch_size: int, skip_bad: bool, plan: Plan, worker_fault: str):
+    def __init__(self, encoder: list, outputs: list, per_channel: str | None, dtype: str, batch_size: int, skip_bad: bool,
+                 plan: Plan, worker_fault: str):
         import ray
 
         from ..device import autocast
@@ -145,10 +146,11 @@ class EmbedActor:
         self.dev = torch.device(plan.device)
         self.encoder = ray.get(encoder[0]).to(self.dev).to(memory_format=torch.channels_last)
         self.amp = autocast(self.dev)
-        self.run, self.dtype, self.batch_size, self.skip_bad = run, dtype, batch_size, skip_bad
+        self.outputs, self.dtype, self.batch_size, self.skip_bad = outputs, dtype, batch_size, skip_bad
+        self.per_channel = per_channel  # --channels bag|mean
 
     def __call__(self, batch: dict) -> dict:
-        from ..embed import encode, write_vectors
+        from ..embed import encode, write_outputs
         from .preprocess import device_batch, group_by_shape
 
         block, entries, rows, images, reasons = _unpack(batch)
@@ -156,17 +158,19 @@ class EmbedActor:
         if first_bad is not None and not self.skip_bad:
             return _one_row(block=block, n=len(entries), error="", bad_path=entries[first_bad][1],
                             bad_reason=reasons[first_bad], n_bad=sum(bool(r) for r in reasons))
-        vecs = np.full((len(entries), self.encoder.dim), np.nan, dtype=np.float32)
+        vecs = [np.full((len(entries), o.dim), np.nan, dtype=np.float32) for o in self.outputs]
         try:
             with torch.inference_mode(), self.amp:
                 for s in range(0, len(entries), self.batch_size):  # the local engine's batches, bad items left out
                     pos = [k for k in range(s, min(s + self.batch_size, len(entries))) if not reasons[k]]
                     if not pos:
                         continue
-                    x = device_batch(group_by_shape([images[k] for k in pos]), len(pos), self.encoder.preprocess, self.dev)
-                    vecs[pos] = encode(self.encoder, full_batch(x, self.batch_size))[:len(pos)]
-            write_vectors(self.run, "ray", [i for i, _ in entries], np.asarray(rows), vecs, reasons,
-                          [p for _, p in entries], self.dtype)
+                    x = device_batch(group_by_shape([images[k] for k in pos]), len(pos), self.encoder.preprocess, self.dev,
+                                     self.per_channel is not None)
+                    for v, got in zip(vecs, encode(self.encoder, full_batch(x, self.batch_size), self.per_channel)):
+                        v[pos] = got[:len(pos)]
+            write_outputs(self.outputs, "ray", [i for i, _ in entries], rows, vecs, reasons, [p for _, p in entries],
+                          self.dtype)
         except EmbedkitError as exc:  # e.g. a full disk: one clear line for the driver to raise
             return _one_row(block=block, n=len(entries), error=str(exc), bad_path="", bad_reason="", n_bad=0)
         return _one_row(block=block, n=len(entries), error="", bad_path="", bad_reason="", n_bad=0)
@@ -280,7 +284,8 @@ class RayEngine:
     # embed ---------------------------------------------------------------------------------------
     def embed(self, work, device: str = "auto", *, progress: bool = True, total: int | None = None,
               initial: int = 0) -> None:
-        """Encode ``work`` (an :class:`~embedkit.embed.EmbedWork`) into shards of its run; the caller commits."""
+        """Encode ``work`` (an :class:`~embedkit.embed.EmbedWork`) into shards of its runs (one per output key, so
+        ``--layers`` works here too); the caller commits."""
         from tqdm.auto import tqdm
 
         from ..embed import bad_image
@@ -297,7 +302,8 @@ class RayEngine:
                   desc=f"embed {work.encoder.spec.name} (ray, {plan.replicas} x {plan.device})", file=sys.stderr) as bar:
             for row in self._stream(ray, blocks, decode_images,
                                     {"pre": work.encoder.preprocess, "conv": work.conv, "store_path": work.store_path},
-                                    EmbedActor, {"encoder": [encoder], "run": work.run, "dtype": work.dtype,
+                                    EmbedActor, {"encoder": [encoder], "outputs": work.outputs,
+                                                 "per_channel": work.conv.per_channel, "dtype": work.dtype,
                                                  "batch_size": work.batch_size, "skip_bad": work.skip_bad}, plan):
                 if row["error"]:
                     raise EmbedkitError(row["error"])

@@ -73,7 +73,7 @@ class EncoderWithHead(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.head(self.encoder.outputs(x)[-1])  # the selected layer's features for a layer key
 
 
 def compose(encoder: Encoder, head: nn.Module, classes: list[str], conversion: Conversion | None = None,
@@ -137,6 +137,9 @@ def load_probe_folder(folder: Path) -> ExplainModel:
     probe = load_probe(folder)
     head = probe.torch_module()  # refuses kNN probes: votes of neighbours have no gradient
     config = probe.encoder_config
+    if (config.get("conversion") or {}).get("per_channel"):
+        raise EmbedkitError(f"{folder}: the probe was fitted on a --channels {config['conversion']['per_channel']} key; "
+                            f"CAMs of one channel at a time are not offered, explain a probe of an RGB key")
     encoder = encoder_from_config(config)
     return compose(encoder, head.eval(), [str(c) for c in probe.classes], Conversion.from_dict(config.get("conversion")),
                    str(folder), {"head": probe.head, "encoder_key": probe.encoder_key, "encoder": config.get("encoder"),

@@ -28,10 +28,12 @@ from ..balance import normalise_balance
 from .diagnostics import search_notes
 from .features import Preprocessor, balance, threads_for
 from .heads import FitInput, HeadOptions, class_vote_weights, fit_head, solver_device
+from .layers import choice_lines, layer_candidates, layer_table, parse_layer_choice, probe_layers
 from .saved import HEADS, Probe
 
 if TYPE_CHECKING:
     from ..baselines.anchoring import Anchoring
+    from .layers import LayerChoice
 
 
 DEFAULT_SEEDS = 5  # probe's repeated grouped splits when neither --seeds, --folds nor --splits says otherwise
@@ -71,6 +73,7 @@ class ProbeSettings:
     baselines: Sequence[str] = BASELINES  # random-init, handcrafted, prior (embedkit.baselines), as the CLI
     refit: str = "train"  # "trainval": refit on train + val with the chosen hyper-parameters before the test
     leak_check: bool = True  # when the groups look unsafe, a bounded copy check (embedkit.leaks.auto_leak_check)
+    layers: str | None = None  # "best": probe every layer key of the encoder, choose per head on validation (probe.layers)
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(standardise=self.standardise, l2=self.l2, pca_whiten=self.pca_whiten, pca_dim=self.pca_dim)
@@ -95,6 +98,7 @@ class ProbeReport:
     out: Path
     anchoring: "Anchoring | None" = None  # baseline rows and paired differences (embedkit.baselines.anchoring)
     leak_check: str = ""  # the automatic leak check's verdict line; '' when the grouping looked safe or it was off
+    layers: "LayerChoice | None" = None  # every layer's scores and the layer chosen on validation (--layers best)
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -190,7 +194,11 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     s = replace(s, split=s.split.repeated(DEFAULT_SEEDS))
     if s.refit not in REFITS:
         raise EmbedkitError(f"unknown refit {s.refit!r}; choose from {', '.join(REFITS)}")
-    data = load_probe_data(as_store(store), key, group_by)
+    s = replace(s, layers=parse_layer_choice(s.layers))
+    store = as_store(store)
+    if s.layers:  # the plain key is probed first; its layer keys follow on the same splits
+        key = layer_candidates(store, store.resolve_key(key))[0][1]
+    data = load_probe_data(store, key, group_by)
     notes = list(data.notes)
     classes, use, class_notes = _classes(data, s.classes)
     notes += class_notes
@@ -243,6 +251,8 @@ def run_probe(store, out: str | os.PathLike, *, key: str | None = None,
     notes += search_notes(results)
     report = ProbeReport(data=data, classes=classes, splits=splits, run_names=names, results=results, notes=notes, out=out,
                          leak_check=leak_line)
+    if s.layers:
+        report.layers = probe_layers(report, s, group_by, progress)
     if s.baselines:
         from ..baselines.anchoring import score_baselines
 
@@ -325,8 +335,10 @@ def _progress(total: int, enabled: bool):
 
 def _chosen(probe: Probe) -> dict:
     if probe.head == "knn":
-        return {"k": int(probe.params["k"]), "temperature": float(probe.params["temperature"])}
+        return {"k": int(probe.params["k"]), "temperature": float(probe.params["temperature"]),
+                "val_balanced_accuracy": probe.validation.get("balanced_accuracy")}
     out = {"C": float(probe.params["C"])}
+    out["val_balanced_accuracy"] = probe.validation.get("balanced_accuracy")
     if probe.calibration.get("method") == "temperature":
         out["temperature"] = float(probe.calibration["temperature"])
     search = probe.params.get("search") or []
@@ -423,13 +435,14 @@ def baseline_lines(report: ProbeReport) -> list[str]:
         return []
     lines = ["paired differences in balanced accuracy (encoder − baseline) on the same test items, 95% CI resampling "
              "whole groups; p: group-paired bootstrap, Holm-adjusted over this table",
-             _fixed_width(difference_table(a))]
+             fixed_width(difference_table(a))]
     best = max(report.results, key=lambda r: r.record["metrics"]["balanced_accuracy"])
     lines += [verdict(c) for c in a.comparisons if c["encoder"] == f"{report.data.key}/{best.head}"]
     return lines
 
 
-def _fixed_width(rows: list[list[str]]) -> str:
+def fixed_width(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns, for the terminal."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -451,7 +464,7 @@ def summary_header(report: ProbeReport) -> str:
 
 def summary_table(report: ProbeReport) -> str:
     """Fixed-width table of every head's headline numbers, for the terminal."""
-    return _fixed_width(summary_rows(report))
+    return fixed_width(summary_rows(report))
 
 
 def summary_markdown(report: ProbeReport) -> str:
@@ -461,6 +474,13 @@ def summary_markdown(report: ProbeReport) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += ["", "Hyper-parameters were chosen on the validation part only. Per-head details: "
               + ", ".join(f"[{r.head}]({r.head}/summary.md)" for r in report.results) + "."]
+    if report.layers:
+        lines += ["", "## Layers", "", "Every layer key probed on the same splits; the layer is chosen per head on the "
+                  "validation parts only (test items take no part in the choice).", ""]
+        table = layer_table(report.layers)
+        lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+        lines += [""] + [f"- {ln}" for ln in choice_lines(report.layers)]
     extra = baseline_lines(report)
     if extra:
         lines += ["", "## Baselines", "", extra[0] + ".", "", "```", extra[1], "```", ""] + [f"- {v}" for v in extra[2:]]

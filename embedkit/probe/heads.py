@@ -4,7 +4,8 @@
   scikit-learn, minimised by L-BFGS in torch over training rows kept in chunks on the device (GPU when
   there is one). The preprocessing is folded into the weights, so only raw (float16) rows are held.
 * ``svm``: linear SVM, one-vs-rest squared hinge with the same penalty (LinearSVC's objective, with an
-  unpenalised intercept) and the same solver; probabilities by temperature scaling fitted on validation.
+  unpenalised intercept), minimised by a primal Newton-CG over the same chunks (:mod:`.newton`; the L-BFGS path
+  stays selectable as ``svm_solver='lbfgs'``); probabilities by temperature scaling fitted on validation.
 * ``knn``: cosine kNN through FAISS; the k nearest training items vote exp(similarity / T) for their
   class (DINO's kNN evaluation, T = 0.07); k is chosen on validation.
 """
@@ -46,6 +47,7 @@ class HeadOptions:
     tol: float = 1e-6
     device: str = "auto"
     chunk_rows: int = CHUNK_ROWS
+    svm_solver: str = "newton"  # 'newton' (embedkit.probe.newton) or 'lbfgs' (the shared L-BFGS path, kept as reference)
 
 
 # --------------------------------------------------------------------------- selection on validation
@@ -186,18 +188,28 @@ def _fit_linear(head: str, data: FitInput, pre: Preprocessor, opts: HeadOptions,
     problem = LinearProblem(data.x, data.train, data.y[data.train], data.train_weight, pre, k, opts.device,
                             opts.chunk_rows)
     loss = "softmax" if head == "logreg" else "squared_hinge"
+    solver = problem
+    if head == "svm" and opts.svm_solver == "newton":
+        from .newton import SquaredHingeNewton
+
+        solver = SquaredHingeNewton(problem)
+    elif head == "svm" and opts.svm_solver != "lbfgs":
+        raise EmbedkitError(f"unknown SVM solver {opts.svm_solver!r}; choose newton or lbfgs")
     yv = data.y[data.val]
     search, best, init = [], None, None
     for c in sorted(opts.c_grid):
         t0 = time.perf_counter()
-        w, b, n_iter = problem.fit(float(c), loss, init=init, max_iter=opts.max_iter, tol=opts.tol)
+        if solver is problem:
+            w, b, n_iter = problem.fit(float(c), loss, init=init, max_iter=opts.max_iter, tol=opts.tol)
+        else:
+            w, b, n_iter = solver.fit(float(c), init=init, max_iter=opts.max_iter)
         init = (w, b)  # warm start along the regularisation path
         scores = linear_scores(data.x, pre, w, b, data.val)
         temp = fit_temperature(scores, yv) if head == "svm" else 1.0
         proba = softmax(scores / temp)
         score = val_score(yv, proba) if len(yv) else (0.0, 0.0)
         search.append({"C": float(c), "val_balanced_accuracy": score[0], "val_log_loss": -score[1],
-                       "iterations": n_iter, "converged": problem.converged,
+                       "iterations": n_iter, "converged": solver.converged,
                        "seconds": round(time.perf_counter() - t0, 3)})
         if progress:
             progress(f"{head} C={c:g}: val balanced accuracy {score[0]:.3f}")

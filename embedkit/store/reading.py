@@ -168,10 +168,12 @@ class Store:
         return self._reader(target)
 
     def resolve_key(self, key_or_encoder: str | None) -> str:
-        """Accept an embedding key or an encoder name; with one key in the store (baseline keys aside), None picks it."""
+        """Accept an embedding key or an encoder name; with one key in the store (baseline and layer keys aside), None picks it."""
+        from ..encoders.layers import LAYER_KEY
+
         keys = self.keys
         if key_or_encoder is None:
-            own = [k for k in keys if k != "handcrafted" and not k.endswith("@random-init")]  # baseline keys
+            own = [k for k in keys if k != "handcrafted" and not k.endswith("@random-init") and not LAYER_KEY.match(k)]
             if len(own) == 1:
                 return own[0]
             raise EmbedkitError(f"{self.path}: holds {len(keys)} embedding keys ({', '.join(keys) or 'none'}); choose one with --encoder")

@@ -325,6 +325,8 @@ BAD: dict[str, Maker] = {
     "NaN row": lambda w, W: _h5(w, W, "nan.h5", _nan_row, packed=True),
     # encoders, keys, splits, probes, models, results, configs
     "unknown encoder": lambda w, W: "nope_net",
+    "layer out of range": lambda w, W: "99",
+    "layers not numbers": lambda w, W: "abc",
     "key ..": lambda w, W: (_victim(w), "..")[1],
     "key ../victim": lambda w, W: (_victim(w), "../victim")[1],
     "key absolute": lambda w, W: str(_victim(w)),
@@ -376,7 +378,7 @@ class Case:
     """One command run against one bad input; ``args`` use {work}, {bad}, {store}, {results}, ... placeholders."""
 
     command: str
-    family: str  # images, manifests, tables, weights, stores, targets, rows, encoders, keys, splits, probes, models, results, configs
+    family: str  # images, manifests, tables, weights, stores, targets, rows, encoders, layers, keys, splits, probes, models, results, configs
     bad: str
     args: tuple[str, ...]
     quick: bool = True  # in the test suite; the others run in scripts/bench_faults.py only
@@ -457,6 +459,9 @@ def _rows() -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
         ("proportions", "encoders", ("unknown encoder",),
          ("proportions", "{store}", "--probe", PROBE_DIR, "--out", "{work}/props", "--encoder", "{bad}")),
         ("finetune", "encoders", ("unknown encoder",), ("finetune", "{store}", "--model", "{bad}", "--out", "{work}/ft", "--quiet")),
+        ("embed", "layers", ("layer out of range", "layers not numbers"),
+         ("embed", "{cell0}", "--store", "{work}/new.h5", "--layers", "{bad}", "--quiet")),
+        ("probe", "layers", ("layers not numbers",), ("probe", "{store}", *PROBE, "--layers", "{bad}")),
         ("embed", "keys", KEY_CLASSES, ("embed", "{cell0}", "--store", "{store}", "--key", "{bad}", "--quiet")),
         ("probe", "splits", ("garbage splits", "splits as list"), ("probe", "{store}", *PROBE, "--splits", "{bad}")),
         ("leaks", "splits", ("garbage splits", "splits as list"), ("leaks", "{store}", "--splits", "{bad}", "--quiet")),
