@@ -203,7 +203,7 @@ def run_detector(images: list[np.ndarray], train: np.ndarray, test: np.ndarray, 
     """The new two-stage detector: test item -> the train item it was flagged with."""
     from embedkit.duplicates.search import build_catalog, find_copies
 
-    cat = catalog if catalog is not None else build_catalog(images)
+    cat = catalog if catalog is not None else build_catalog(images, workers=WORKERS)
     return {v.query: v.match for v in find_copies(cat, test, train, workers=WORKERS) if v.copy}
 
 
@@ -248,7 +248,7 @@ def recall(pool: Pool, rng: np.random.Generator, names: list[str] | None = None)
     has_copy = np.array([pool.kind[q] != "untouched" and pool.source[q] in train_sources for q in test])
     out = {"n_items": len(pool.images), "n_test": int(len(test)), "n_test_with_copy_in_train": int(has_copy.sum())}
     w0, c0 = time.perf_counter(), cpu_seconds()
-    cat = build_catalog(pool.images)
+    cat = build_catalog(pool.images, workers=WORKERS)
     out["catalog_seconds"], out["catalog_cpu_seconds"] = round(time.perf_counter() - w0, 1), round(cpu_seconds() - c0, 1)
     with_copy = test[has_copy]
     out["candidate_recall"] = candidate_recall(cat, pool.source, train, with_copy)
@@ -360,7 +360,7 @@ def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Gener
     train, test = random_split(len(images), rng)
     out = {"n_items": len(images), "n_test": int(len(test)), "n_train": int(len(train)), "workers": WORKERS}
     w0, c0 = time.perf_counter(), cpu_seconds()
-    cat = build_catalog(images)
+    cat = build_catalog(images, workers=WORKERS)
     out["catalog_seconds"] = round(time.perf_counter() - w0, 1)
     out["catalog_cpu_seconds"] = round(cpu_seconds() - c0, 1)
     w0, c0 = time.perf_counter(), cpu_seconds()

@@ -107,7 +107,7 @@ def describe(small: np.ndarray) -> np.ndarray:
     polar = _invariants(_rings(small, cx, cy, _POLAR_GRID), HARMONICS_POLAR)
     padded = cv2.copyMakeBorder(small, _PAD, _PAD, _PAD, _PAD, cv2.BORDER_REPLICATE)
     padded = (padded - padded.mean()) * _WINDOW
-    spectrum = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(padded)))).astype(np.float32)
+    spectrum = np.fft.fftshift(np.log1p(cv2.magnitude(*cv2.split(cv2.dft(padded, flags=cv2.DFT_COMPLEX_OUTPUT)))))
     spec = _invariants(_rings(spectrum, _N_SPEC / 2, _N_SPEC / 2, _SPEC_GRID), HARMONICS_SPECTRUM)
     return np.concatenate([polar, spec]).astype(np.float32)
 
@@ -142,22 +142,28 @@ class Metric:
         return z.astype(np.float32)
 
 
-def fit_metric(raw: np.ndarray, canvases: Sequence[np.ndarray], seed: int = 0) -> Metric:
-    """Metric for ``raw`` descriptors of ``canvases``: whitened by the scatter between pairs of seeded
-    augmented copies of random items (``FIT_PAIRS``, or twice the items and at least 500 for small sets)."""
-    import scipy.linalg
-
+def augmented_pairs(canvases: Sequence[np.ndarray], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two seeded augmented copies each of random canvases (``FIT_PAIRS``, or twice the items and at least
+    500 for small sets; none for fewer than 2 items): what :func:`fit_metric` learns from."""
     from .augment import augmented_copy
 
-    mean, std = raw.mean(axis=0), raw.std(axis=0) + 1e-6
     if len(canvases) < 2:
-        return Metric(mean, std)
+        return [], []
     rng = np.random.default_rng(seed)
     n = min(FIT_PAIRS, max(500, 2 * len(canvases)))
     picks = rng.choice(len(canvases), n, replace=n > len(canvases))
-    a = np.stack([describe_canvas(augmented_copy(canvases[i], rng)) for i in picks])
-    b = np.stack([describe_canvas(augmented_copy(canvases[i], rng)) for i in picks])
-    diff = (a - b) / std
+    return [augmented_copy(canvases[i], rng) for i in picks], [augmented_copy(canvases[i], rng) for i in picks]
+
+
+def fit_metric(raw: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray) -> Metric:
+    """Metric for ``raw`` descriptors that whitens the scatter between the raw descriptors of augmented
+    pairs (:func:`augmented_pairs`), shrunk towards its diagonal; plain standardisation without pairs."""
+    import scipy.linalg
+
+    mean, std = raw.mean(axis=0), raw.std(axis=0) + 1e-6
+    if not len(pair_a):
+        return Metric(mean, std)
+    diff = (pair_a - pair_b) / std
     within = diff.T @ diff / len(diff)
     within = (1 - SHRINK) * within + SHRINK * np.diag(np.diag(within)) + 1e-4 * np.eye(len(within))
     lower = np.linalg.cholesky(within)  # z @ inv(lower).T has unit within-copy scatter

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .align import Match, match
-from .descriptors import DIM, describe_canvas, fit_metric
+from .descriptors import DIM, augmented_pairs, describe_canvas, fit_metric
 from .prepare import Prepared, canvas
 
 #: Candidates per query from stage 1.
@@ -50,7 +50,7 @@ class Thresholds:
     min_overlap: float = 0.5
     min_side: int = 12
     both_ways: bool = True
-    back_gate: float = 0.5
+    back_gate: float = 0.9
 
     def is_copy(self, m: Match) -> bool:
         if m.overlap < self.min_overlap:
@@ -91,21 +91,62 @@ class Catalog:
         return self.shapes.min(axis=1) >= min_side
 
 
-def build_catalog(images: Iterable[np.ndarray], n: int | None = None, progress: bool = False) -> Catalog:
-    """Canvases and descriptors of ``images`` (any size, grey or RGB, uint8 or float)."""
+def build_catalog(images: Iterable[np.ndarray], n: int | None = None, progress: bool = False, workers: int = 1) -> Catalog:
+    """Canvases and descriptors of ``images`` (any size, grey or RGB, uint8 or float); the descriptors of large
+    sets are computed in ``workers`` processes."""
     from tqdm.auto import tqdm
 
-    canvases, shapes, desc = [], [], []
-    for img in tqdm(images, total=n, unit="img", desc="duplicate descriptors", disable=not progress, file=sys.stderr,
+    canvases, shapes = [], []
+    for img in tqdm(images, total=n, unit="img", desc="duplicate canvases", disable=not progress, file=sys.stderr,
                     dynamic_ncols=True):
         c, h, w = canvas(img)
         canvases.append(c)
         shapes.append((h, w))
-        desc.append(describe_canvas(c))
-    if not desc:
+    if not canvases:
         return Catalog(canvases, np.zeros((0, 2), np.int32), np.zeros((0, DIM), np.float32))
-    raw = np.stack(desc)
-    return Catalog(canvases, np.asarray(shapes, dtype=np.int32), fit_metric(raw, canvases)(raw))
+    pair_a, pair_b = augmented_pairs(canvases)
+    raw = describe_all(canvases + pair_a + pair_b, workers, progress)
+    n_items, n_pairs = len(canvases), len(pair_a)
+    metric = fit_metric(raw[:n_items], raw[n_items:n_items + n_pairs], raw[n_items + n_pairs:])
+    return Catalog(canvases, np.asarray(shapes, dtype=np.int32), metric(raw[:n_items]))
+
+
+#: Fewer canvases than this are described in this process (starting workers costs seconds).
+PARALLEL_DESCRIBE = 5000
+#: Canvases per task when descriptors are computed in several processes.
+DESCRIBE_CHUNK = 1000
+
+
+def _describe_chunk(canvases: list[np.ndarray]) -> np.ndarray:
+    return np.stack([describe_canvas(c) for c in canvases])
+
+
+def describe_all(canvases: list[np.ndarray], workers: int = 1, progress: bool = False) -> np.ndarray:
+    """Raw descriptors [N, DIM] of uint8 canvases, in ``workers`` spawned processes when there are many."""
+    from tqdm.auto import tqdm
+
+    chunks = [canvases[a:a + DESCRIBE_CHUNK] for a in range(0, len(canvases), DESCRIBE_CHUNK)]
+    out = []
+    with tqdm(total=len(canvases), unit="img", desc="duplicate descriptors", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        if workers <= 1 or len(canvases) < PARALLEL_DESCRIBE:
+            for chunk in chunks:
+                out.append(_describe_chunk(chunk))
+                bar.update(len(chunk))
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers, initializer=_single_thread) as procs:
+                for chunk, part in zip(chunks, procs.imap(_describe_chunk, chunks)):
+                    out.append(part)
+                    bar.update(len(chunk))
+    return np.concatenate(out)
+
+
+def _single_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 @dataclass
@@ -170,9 +211,7 @@ _WORK: dict = {}
 
 
 def _worker_init(cat: Catalog, thresholds: Thresholds, max_copies: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
+    _single_thread()
     _WORK.update(cat=cat, thresholds=thresholds, max_copies=max_copies)
 
 
