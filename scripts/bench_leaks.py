@@ -12,7 +12,9 @@ Measured, per dataset, each against the previous detector (dihedral pixel finger
 run on the same splits:
 
 * **recall**: random 80/20 split of all items ignoring sources; the share of test items with a copy (or
-  their original) in train that are flagged, and whether the flagged partner is really of their source;
+  their original) in train that are flagged, and whether the flagged partner is really of their source.
+  Split into its two stages: ``candidate_recall`` (a copy among the k stage-1 candidates, for several k)
+  and ``verification_recall`` (flagged share of the test items whose 10 candidates hold a copy);
 * **false flags**: split by source (whole sources to one side); every flag is false. Broken down into
   untouched crops and copies. Also DSB nuclei bounding-box crops (not square) split by field, and
   untouched MitoCheck cells of single movies split at random within the movie;
@@ -22,7 +24,7 @@ run on the same splits:
   ``--grouping`` also the suggested grouping (all items against all) for the smallest size.
 
 Up to 600 test items are checked per accuracy experiment (all train items are searched); rates carry
-95% Wilson intervals.
+95% Wilson intervals. Without the data folder it stops with one error line and exit status 2.
 """
 
 from __future__ import annotations

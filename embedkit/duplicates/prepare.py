@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Side of the small canvas used for candidate descriptors and the coarse alignment.
+#: Side of the small canvas used for candidate descriptors and the first alignment.
 SMALL = 32
 #: Largest side of the detailed canvas used for verification (larger crops are shrunk to it).
 DETAIL = 64
