@@ -1,9 +1,10 @@
 """Stage 2 of the duplicate search: align a candidate onto the query and measure what still matches.
 
-1. **Hypotheses** from the cells' centres (:func:`.descriptors.centre`): each image is sampled on rings
-   around its centre; the circular cross-correlation of those rings over the angle (summed over rings) gives
-   the rotation, plain and mirrored, and the centres give the shift. The best two hypotheses become
-   similarity transforms from query to candidate.
+1. **Hypotheses** from the cells' centres, two guesses per image (:func:`.descriptors.centre`,
+   :func:`.descriptors.middle`): each image is sampled on rings around a guess; the circular
+   cross-correlation of the rings over the angle (summed over rings) gives the rotation at its two highest
+   peaks, plain or mirrored, and the centres give the shift: up to four similarity transforms from query
+   to candidate, without a search.
 2. **Refinement** of each by OpenCV's ECC (a full affine warp: rotation, shear, zoom, shift) on the small
    canvases; the best must reach a band-passed correlation ``gate`` there, or the pair stops. Only then is
    the warp refined again on the detailed canvases, where both images hold real pixels.
