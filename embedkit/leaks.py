@@ -110,13 +110,15 @@ def item_conversion(store: Store, key: str | None) -> Conversion:
     return Conversion.from_dict(store.config(store.resolve_key(key)).get("conversion")) if key else Conversion()
 
 
-def store_catalog(store: Store, rows: Sequence[int], conv: Conversion = Conversion(), progress: bool = False) -> Catalog:
-    """Duplicate-detector catalog of store items (catalog position i = ``rows[i]``)."""
+def store_catalog(store: Store, rows: Sequence[int], conv: Conversion = Conversion(), progress: bool = False,
+                  workers: int = 1) -> Catalog:
+    """Duplicate-detector catalog of store items (catalog position i = ``rows[i]``); descriptors of large sets
+    in ``workers`` processes."""
     from .fingerprints import iter_item_images
 
     rows = np.asarray(rows, dtype=np.int64)
     images = iter_item_images(store, rows, conv, what="the duplicate check")
-    return build_catalog((img for _, img in _in_order(images, len(rows))), n=len(rows), progress=progress)
+    return build_catalog((img for _, img in _in_order(images, len(rows))), n=len(rows), progress=progress, workers=workers)
 
 
 def _in_order(pairs, n: int):
@@ -316,7 +318,8 @@ def find_leaks(store_path: str, key: str | None, splits: Splits, *, by: str = "p
     if by == "pixels":
         if log:
             log(f"duplicate descriptors of {len(need):,} items")
-        cat = store_catalog(store, need, item_conversion(store, key), progress=progress)
+        cat = store_catalog(store, need, item_conversion(store, key), progress=progress,
+                            workers=available_cores() if workers is None else workers)
     records, summaries, group_leaks = [], [], []
     n_unchecked = int((~cat.checkable(thresholds.min_side)).sum()) if cat is not None else 0
     for f in fold_ids:
@@ -421,7 +424,7 @@ def suggest_groups(store_path: str, key: str | None = None, *, k: int = K, thres
     rows = np.arange(len(ids))
     if log:
         log(f"duplicate descriptors of {len(rows):,} items")
-    cat = store_catalog(store, rows, item_conversion(store, key), progress=progress)
+    cat = store_catalog(store, rows, item_conversion(store, key), progress=progress, workers=available_cores())
     pairs = duplicate_pairs(cat, k=k, thresholds=thresholds, progress=progress, log=log)
     edges = [(v.query, v.match) for v in pairs]
     first: dict[str, int] = {}

@@ -12,7 +12,9 @@ Measured, per dataset, each against the previous detector (dihedral pixel finger
 run on the same splits:
 
 * **recall**: random 80/20 split of all items ignoring sources; the share of test items with a copy (or
-  their original) in train that are flagged, and whether the flagged partner is really of their source;
+  their original) in train that are flagged, and whether the flagged partner is really of their source.
+  Split into its two stages: ``candidate_recall`` (a copy among the k stage-1 candidates, for several k)
+  and ``verification_recall`` (flagged share of the test items whose 10 candidates hold a copy);
 * **false flags**: split by source (whole sources to one side); every flag is false. Broken down into
   untouched crops and copies. Also DSB nuclei bounding-box crops (not square) split by field, and
   untouched MitoCheck cells of single movies split at random within the movie;
@@ -22,7 +24,7 @@ run on the same splits:
   ``--grouping`` also the suggested grouping (all items against all) for the smallest size.
 
 Up to 600 test items are checked per accuracy experiment (all train items are searched); rates carry
-95% Wilson intervals.
+95% Wilson intervals. Without the data folder it stops with one error line and exit status 2.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def run_detector(images: list[np.ndarray], train: np.ndarray, test: np.ndarray, 
     """The new two-stage detector: test item -> the train item it was flagged with."""
     from embedkit.duplicates.search import build_catalog, find_copies
 
-    cat = catalog if catalog is not None else build_catalog(images)
+    cat = catalog if catalog is not None else build_catalog(images, workers=WORKERS)
     return {v.query: v.match for v in find_copies(cat, test, train, workers=WORKERS) if v.copy}
 
 
@@ -223,15 +225,41 @@ def run_fingerprints(images: list[np.ndarray], train: np.ndarray, test: np.ndarr
 DETECTORS = {"two_stage": run_detector, "fingerprints_baseline": run_fingerprints}
 
 
+def candidate_recall(cat, source: np.ndarray, train: np.ndarray, queries: np.ndarray) -> dict:
+    """Share of ``queries`` with an item of their own source among their k stage-1 candidates in train (k = 5,
+    10 (the default), 20, 50): the ceiling stage 1 puts on recall."""
+    from embedkit.duplicates.search import K, candidates
+
+    if not len(queries):
+        return {}
+    ks = sorted({5, K, 20, 50})
+    _, nn = candidates(cat, queries, train, max(ks))
+    hit = (nn >= 0) & (source[train][np.maximum(nn, 0)] == source[queries][:, None])
+    return {f"k{k}": round(float(hit[:, :k].any(axis=1).mean()), 4) for k in ks}
+
+
 def recall(pool: Pool, rng: np.random.Generator, names: list[str] | None = None) -> dict:
-    """Random split ignoring sources: flagged share of test items that have a same-source item in train."""
+    """Random split ignoring sources: flagged share of test items that have a same-source item in train.
+
+    Also the candidate recall (a copy among the stage-1 candidates) and the verification recall (flagged
+    share of the test items whose candidates hold a copy), so that the limiting stage shows."""
+    from embedkit.duplicates.search import K, build_catalog, candidates
+
     train, test = random_split(len(pool.images), rng, limit=MAX_QUERIES)
     train_sources = set(pool.source[train].tolist())
     has_copy = np.array([pool.kind[q] != "untouched" and pool.source[q] in train_sources for q in test])
     out = {"n_items": len(pool.images), "n_test": int(len(test)), "n_test_with_copy_in_train": int(has_copy.sum())}
+    w0, c0 = time.perf_counter(), cpu_seconds()
+    cat = build_catalog(pool.images, workers=WORKERS)
+    out["catalog_seconds"], out["catalog_cpu_seconds"] = round(time.perf_counter() - w0, 1), round(cpu_seconds() - c0, 1)
+    with_copy = test[has_copy]
+    out["candidate_recall"] = candidate_recall(cat, pool.source, train, with_copy)
+    log(f"  candidate recall: {out['candidate_recall']}")
+    _, nn = candidates(cat, with_copy, train, K)
+    in_candidates = ((nn >= 0) & (pool.source[train][np.maximum(nn, 0)] == pool.source[with_copy][:, None])).any(axis=1)
     for name, fn in DETECTORS.items():
-        t0 = time.perf_counter()
-        flagged = fn(pool.images, train, test)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        flagged = fn(pool.images, train, test, cat) if name == "two_stage" else fn(pool.images, train, test)
         hit = np.array([q in flagged for q in test])
         right = [pool.source[flagged[q]] == pool.source[q] for q in test[has_copy] if q in flagged]
         distinct = test[~has_copy]
@@ -243,7 +271,11 @@ def recall(pool: Pool, rng: np.random.Generator, names: list[str] | None = None)
                      "examples_without_copy_in_train": [[_name(pool, q, names), _name(pool, flagged[q], names)]
                                                         for q in test[~has_copy] if q in flagged][:10],
                      "n_without_copy_in_train": int(len(distinct)),
-                     "seconds": round(time.perf_counter() - t0, 1)}
+                     "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1)}
+        if name == "two_stage":
+            caught = np.array([q in flagged for q in with_copy])
+            out[name]["verification_recall"] = (float(caught[in_candidates].mean()) if in_candidates.any() else None)
+            out[name]["n_with_copy_among_candidates"] = int(in_candidates.sum())
         log(f"  recall {name}: {out[name]}")
     return out
 
@@ -330,7 +362,7 @@ def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Gener
     train, test = random_split(len(images), rng)
     out = {"n_items": len(images), "n_test": int(len(test)), "n_train": int(len(train)), "workers": WORKERS}
     w0, c0 = time.perf_counter(), cpu_seconds()
-    cat = build_catalog(images)
+    cat = build_catalog(images, workers=WORKERS)
     out["catalog_seconds"] = round(time.perf_counter() - w0, 1)
     out["catalog_cpu_seconds"] = round(cpu_seconds() - c0, 1)
     w0, c0 = time.perf_counter(), cpu_seconds()
@@ -357,6 +389,8 @@ def timing(mito: Crops, dsb: Crops, size: int, copies: int, rng: np.random.Gener
     has = np.array([source[q] in train_sources for q in checked])
     flagged = {v.query for v in verified if v.copy}
     out["recall"] = float(np.mean([q in flagged for q in checked[has]])) if has.any() else None
+    out["candidate_recall"] = candidate_recall(cat, source, train, checked[has])
+    out["load_average"] = os.getloadavg()
     if grouping:
         w0, c0 = time.perf_counter(), cpu_seconds()
         pairs = duplicate_pairs(cat)
@@ -387,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     global WORKERS
     WORKERS = args.workers or available_cores()
     if not (args.data / "mitocheck").is_dir() or not (args.data / "dsb2018").is_dir():
-        print(f"bench_leaks: skipped: no mitocheck/ and dsb2018/ under {args.data} (pass --data)", file=sys.stderr)
-        return 0
+        print(f"bench_leaks: error: no mitocheck/ and dsb2018/ under {args.data}; pass --data DIR (the shared data folder)",
+              file=sys.stderr)
+        return 2
     import cv2
 
     cv2.setNumThreads(1)

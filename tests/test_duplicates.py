@@ -111,3 +111,29 @@ def test_components_and_suspicious_grouping():
     assert suspicious_grouping(["a", "b", "c"]) == "every item is its own group"
     assert "single item" in suspicious_grouping(["a", "a", "b", "c", "d"])
     assert suspicious_grouping(["a", "a", "b", "b", "c", "c"]) is None
+
+
+def test_descriptors_ignore_right_angle_turns_and_mirrors(cells):
+    from embedkit.duplicates.descriptors import describe_canvas
+    from embedkit.duplicates.prepare import canvas
+
+    images, _ = cells
+    for img in images[:5]:
+        c = canvas(img)[0]
+        d = describe_canvas(c)
+        others = [describe_canvas(np.ascontiguousarray(v)) for v in (np.rot90(c), np.rot90(c, 2), c[:, ::-1], c.T)]
+        other_cell = describe_canvas(canvas(images[-1])[0])
+        for o in others:  # exact turns and mirrors move the samples, not the numbers (up to interpolation)
+            assert np.linalg.norm(o - d) < 0.1 * np.linalg.norm(other_cell - d)
+
+
+def test_bench_without_data_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_leaks.py"), "--data", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--data" in proc.stderr and not proc.stdout

@@ -8,11 +8,11 @@ for a 64 x 64 crop), so 100,000 items fit in memory; :class:`Prepared` is made f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Side of the small canvas used for candidate descriptors and the coarse alignment.
+#: Side of the small canvas used for candidate descriptors and the first alignment.
 SMALL = 32
 #: Largest side of the detailed canvas used for verification (larger crops are shrunk to it).
 DETAIL = 64
@@ -74,12 +74,14 @@ def small_canvas(detail: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prepared:
-    """One image: z-scored ``small`` [SMALL, SMALL] and ``detail`` [n, n] canvases with their masks."""
+    """One image: z-scored ``small`` [SMALL, SMALL] and ``detail`` [n, n] canvases with their masks (and what
+    the verifier derives from them once, in ``cache``)."""
 
     small: np.ndarray
     small_mask: np.ndarray
     detail: np.ndarray
     detail_mask: np.ndarray
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_canvas(cls, canvas_u8: np.ndarray, h: int, w: int) -> "Prepared":

@@ -17,14 +17,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .align import Match, Query, match
-from .descriptors import DIM, describe, normalise
-from .prepare import Prepared, canvas, small_canvas
+from .align import Match, match
+from .descriptors import DIM, augmented_pairs, describe_canvas, fit_metric
+from .prepare import Prepared, canvas
 
 #: Candidates per query from stage 1.
 K = 10
-#: Candidates verified together (one batched coarse search).
-BATCH = 2
 #: Queries per task when verification runs in several processes.
 CHUNK = 25
 
@@ -38,28 +36,34 @@ class Thresholds:
     cells that merely look alike reach a high ``mid`` and, through their outlines, a fairly high ``fine``,
     but their noise is independent, so ``flat`` stays near 0. The rule is
     ``(mid >= strict_mid and fine >= fine) or (mid >= mid and flat >= flat)``, over a compared region
-    of at least ``min_overlap`` of the query's central disc (two smooth blobs match on a sliver). With
-    ``both_ways`` a pair that fails is also tried the other way round (the candidate aligned onto the query
-    can fail where the other succeeds: 61 % of MitoCheck copy pairs pass one way, 70 % either way); only pairs whose
-    coarse correlation reached ``back_gate`` are tried again (below it no copy was found the other way round). ``gate`` values stop
-    hopeless candidates early; crops with a side below ``min_side`` pixels hold too little to judge and are
-    skipped. Defaults from scripts/bench_leaks.py (docs/leaks.md)."""
+    of at least ``min_overlap`` of the query's central disc (two smooth blobs match on a sliver). A pair
+    whose correlation on the small canvases stays under ``gate`` stops there. With ``both_ways`` a pair that
+    fails is also tried the other way round (the candidate aligned onto the query, around its own centre),
+    when its small-canvas correlation reached ``back_gate``. Crops with a side below ``min_side`` pixels
+    hold too little to judge and are skipped. A pair that passes only through ``flat`` with ``mid`` under
+    ``sure_mid`` (a marginal pass: two smooth look-alikes, both re-compressed, can get there one way round)
+    counts only when the other direction passes too. Defaults from scripts/bench_leaks.py (docs/leaks.md)."""
 
     mid: float = 0.95
     flat: float = 0.25
     strict_mid: float = 0.99
     fine: float = 0.90
-    coarse_gate: float = 0.55
     gate: float = 0.90
     min_overlap: float = 0.5
     min_side: int = 12
     both_ways: bool = True
-    back_gate: float = 0.70
+    back_gate: float = 0.9
+    sure_mid: float = 0.96
 
     def is_copy(self, m: Match) -> bool:
+        """The rule, one way round."""
         if m.overlap < self.min_overlap:
             return False
         return bool((m.mid >= self.strict_mid and m.fine >= self.fine) or (m.mid >= self.mid and m.flat >= self.flat))
+
+    def is_sure(self, m: Match) -> bool:
+        """The rule, passed by more than a margin: enough one way round."""
+        return self.is_copy(m) and ((m.mid >= self.strict_mid and m.fine >= self.fine) or m.mid >= self.sure_mid)
 
 
 @dataclass
@@ -95,21 +99,62 @@ class Catalog:
         return self.shapes.min(axis=1) >= min_side
 
 
-def build_catalog(images: Iterable[np.ndarray], n: int | None = None, progress: bool = False) -> Catalog:
-    """Canvases and descriptors of ``images`` (any size, grey or RGB, uint8 or float)."""
+def build_catalog(images: Iterable[np.ndarray], n: int | None = None, progress: bool = False, workers: int = 1) -> Catalog:
+    """Canvases and descriptors of ``images`` (any size, grey or RGB, uint8 or float); the descriptors of large
+    sets are computed in ``workers`` processes."""
     from tqdm.auto import tqdm
 
-    canvases, shapes, desc = [], [], []
-    for img in tqdm(images, total=n, unit="img", desc="duplicate descriptors", disable=not progress, file=sys.stderr,
+    canvases, shapes = [], []
+    for img in tqdm(images, total=n, unit="img", desc="duplicate canvases", disable=not progress, file=sys.stderr,
                     dynamic_ncols=True):
         c, h, w = canvas(img)
         canvases.append(c)
         shapes.append((h, w))
-        small = small_canvas(c)
-        small = (small - small.mean()) / (small.std() + 1e-3)
-        desc.append(describe(small.astype(np.float32)))
-    d = np.stack(desc) if desc else np.zeros((0, DIM), np.float32)
-    return Catalog(canvases, np.asarray(shapes, dtype=np.int32).reshape(-1, 2), normalise(d)[0] if len(d) else d)
+    if not canvases:
+        return Catalog(canvases, np.zeros((0, 2), np.int32), np.zeros((0, DIM), np.float32))
+    pair_a, pair_b = augmented_pairs(canvases)
+    raw = describe_all(canvases + pair_a + pair_b, workers, progress)
+    n_items, n_pairs = len(canvases), len(pair_a)
+    metric = fit_metric(raw[:n_items], raw[n_items:n_items + n_pairs], raw[n_items + n_pairs:])
+    return Catalog(canvases, np.asarray(shapes, dtype=np.int32), metric(raw[:n_items]))
+
+
+#: Fewer canvases than this are described in this process (starting workers costs seconds).
+PARALLEL_DESCRIBE = 5000
+#: Canvases per task when descriptors are computed in several processes.
+DESCRIBE_CHUNK = 1000
+
+
+def _describe_chunk(canvases: list[np.ndarray]) -> np.ndarray:
+    return np.stack([describe_canvas(c) for c in canvases])
+
+
+def describe_all(canvases: list[np.ndarray], workers: int = 1, progress: bool = False) -> np.ndarray:
+    """Raw descriptors [N, DIM] of uint8 canvases, in ``workers`` spawned processes when there are many."""
+    from tqdm.auto import tqdm
+
+    chunks = [canvases[a:a + DESCRIBE_CHUNK] for a in range(0, len(canvases), DESCRIBE_CHUNK)]
+    out = []
+    with tqdm(total=len(canvases), unit="img", desc="duplicate descriptors", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        if workers <= 1 or len(canvases) < PARALLEL_DESCRIBE:
+            for chunk in chunks:
+                out.append(_describe_chunk(chunk))
+                bar.update(len(chunk))
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers, initializer=_single_thread) as procs:
+                for chunk, part in zip(chunks, procs.imap(_describe_chunk, chunks)):
+                    out.append(part)
+                    bar.update(len(chunk))
+    return np.concatenate(out)
+
+
+def _single_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 @dataclass
@@ -124,8 +169,10 @@ class Verified:
     copy: bool
 
 
-def _candidates(cat: Catalog, queries: np.ndarray, pool: np.ndarray, k: int, exclude_self: bool,
-                log: Callable[[str], None] | None) -> tuple[np.ndarray, np.ndarray]:
+def candidates(cat: Catalog, queries: np.ndarray, pool: np.ndarray, k: int, exclude_self: bool = False,
+               log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1: (similarities, positions in ``pool``) [len(queries), k] of each query's ``k`` most similar pool
+    items by descriptor (with ``exclude_self``, the queries are the pool and each skips itself); -1 pads."""
     from ..neighbors import knn
 
     if exclude_self:
@@ -138,23 +185,22 @@ def _candidates(cat: Catalog, queries: np.ndarray, pool: np.ndarray, k: int, exc
 
 def _verify_query(cat: Catalog, q: int, cands: Sequence[int], sims: Sequence[float], t: Thresholds, max_copies: int,
                   skip: Callable[[int, int], bool] | None = None) -> list[Verified]:
-    query = Query(cat.prepared(q))
+    query = cat.prepared(q)
     out: list[Verified] = []
     found = 0
-    todo = [(r, int(c), float(s)) for r, (c, s) in enumerate(zip(cands, sims)) if c >= 0]
-    for b in range(0, len(todo), BATCH):
-        chunk = [x for x in todo[b:b + BATCH] if skip is None or not skip(q, x[1])]
-        if not chunk:
+    for r, (c, s) in enumerate(zip(cands, sims)):
+        c = int(c)
+        if c < 0 or (skip is not None and skip(q, c)):
             continue
-        results = match(query, [cat.prepared(c) for _, c, _ in chunk], coarse_gate=t.coarse_gate, gate=t.gate)
-        for (r, c, s), m in zip(chunk, results):
-            is_copy = t.is_copy(m)
-            if not is_copy and t.both_ways and m.coarse >= t.back_gate:  # the candidate's centre may align where the query's did not
-                back = match(Query(cat.prepared(c)), [cat.prepared(q)], coarse_gate=t.coarse_gate, gate=t.gate)[0]
-                if t.is_copy(back):
-                    m, is_copy = back, True
-            out.append(Verified(q, c, r, s, m, is_copy))
-            found += is_copy
+        cand = cat.prepared(c)
+        m = match(query, [cand], gate=t.gate)[0]
+        is_copy = t.is_sure(m) if t.both_ways else t.is_copy(m)
+        if not is_copy and t.both_ways and m.small >= t.back_gate:  # the candidate's centre may align where the query's did not
+            back = match(cand, [query], gate=t.gate)[0]
+            if t.is_sure(back) or (t.is_copy(m) and t.is_copy(back)):
+                m, is_copy = (back if t.is_sure(back) else m), True
+        out.append(Verified(q, c, r, float(s), m, is_copy))
+        found += is_copy
         if found >= max_copies:
             break
     return out
@@ -173,9 +219,7 @@ _WORK: dict = {}
 
 
 def _worker_init(cat: Catalog, thresholds: Thresholds, max_copies: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
+    _single_thread()
     _WORK.update(cat=cat, thresholds=thresholds, max_copies=max_copies)
 
 
@@ -200,7 +244,7 @@ def find_copies(cat: Catalog, queries: Sequence[int], pool: Sequence[int], *, k:
     queries, pool = queries[ok[queries]], pool[ok[pool]]
     if not len(queries) or not len(pool):
         return []
-    sims, nn = _candidates(cat, queries, pool, k, False, log)
+    sims, nn = candidates(cat, queries, pool, k, False, log)
     tasks = []
     for qi, q in enumerate(queries.tolist()):
         valid = nn[qi] >= 0
@@ -242,7 +286,7 @@ def duplicate_pairs(cat: Catalog, items: Sequence[int] | None = None, *, k: int 
     items = items[cat.checkable(thresholds.min_side)[items]]
     if len(items) < 2:
         return []
-    sims, nn = _candidates(cat, items, items, k, True, log)
+    sims, nn = candidates(cat, items, items, k, True, log)
     parent = np.arange(len(cat))
 
     def root(i: int) -> int:
