@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_mitocheck:
         result["mitocheck"] = "skipped (--skip-mitocheck)"
     elif not (data / "mitocheck").is_dir():
-        print(f"bench_probe: {data / 'mitocheck'} not found; skipping the MitoCheck part", file=sys.stderr)
-        result["mitocheck"] = f"skipped: {data / 'mitocheck'} not found"
+        print(f"bench_probe: error: {data / 'mitocheck'} not found; pass --data SHARED_DATA_FOLDER, "
+              f"or --skip-mitocheck to run the synthetic parts only", file=sys.stderr)
+        sys.exit(2)
     else:
         result["mitocheck"] = mitocheck(data, bench, args.device, tuple(args.heads.split(",")), args.seeds)
     if args.layers_part and (data / "mitocheck").is_dir():
