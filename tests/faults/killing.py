@@ -190,10 +190,11 @@ EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", "3", "--quiet"]
 
 
 def _kill_sharded(command: str, source: Path, out_flag: str, args: list[str], ref: Path, store: Path,
-                  work: Path, kills: int, seed: int) -> KillReport:
-    """Run a sharded stage into ``store`` killed at ``kills`` shard counts below the reference run's; compare with ``ref``."""
+                  work: Path, kills: int, seed: int, n_units: int | None = None) -> KillReport:
+    """Run a sharded stage into ``store`` killed at ``kills`` shard counts below ``n_units`` (the shards the
+    reference run ``ref`` kept, unless given); compare with ``ref``."""
     store.parent.mkdir(parents=True, exist_ok=True)
-    n_units = int(shard_count(ref)(0))
+    n_units = n_units or int(shard_count(ref)(0))
     points = kill_points(seed, kills, 1, n_units - 1, integer=True)
     report = run_with_kills([command, source, out_flag, store, *args], work, shard_count(store), points, store)
     report.differences = differing(h5_digest(ref), h5_digest(store))
@@ -203,7 +204,11 @@ def _kill_sharded(command: str, source: Path, out_flag: str, args: list[str], re
 
 def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> KillReport:
     """Embed ``cells`` (ref: an uninterrupted store made with EMBED_ARGS), killed at ``kills`` shard counts."""
-    return _kill_sharded("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", work, kills, seed)
+    import h5py
+
+    with h5py.File(ref, "r") as f:  # the commit merged the run's checkpoint shards: count the checkpoints it wrote
+        n_units = -(-f["items"]["id"].shape[0] // int(EMBED_ARGS[EMBED_ARGS.index("--checkpoint-rows") + 1]))
+    return _kill_sharded("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", work, kills, seed, n_units)
 
 
 def kill_segment(fields: Path, work: Path, kills: int, seed: int) -> KillReport:
