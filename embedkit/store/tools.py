@@ -21,7 +21,6 @@ from .schema import SCHEMA_VERSION, fingerprint, now_iso
 from .shards import BIG_SHARD_BYTES, ShardTable, add_shards, check_store_shards, folder_of, runs_of, set_maps, stitch
 
 
-
 @dataclass
 class CheckReport:
     store: str

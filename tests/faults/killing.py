@@ -186,7 +186,8 @@ def make_fields(root: Path, n: int = 12, size: int = 128) -> Path:
 
 # --------------------------------------------------------------------------------------------- scenarios
 
-EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", "3", "--quiet"]
+EMBED_CHECKPOINT_ROWS = 3
+EMBED_ARGS = ["--batch-size", "3", "--checkpoint-rows", str(EMBED_CHECKPOINT_ROWS), "--quiet"]
 
 
 def _kill_sharded(command: str, source: Path, out_flag: str, args: list[str], ref: Path, store: Path,
@@ -207,7 +208,7 @@ def kill_embed(cells: Path, ref: Path, work: Path, kills: int, seed: int) -> Kil
     import h5py
 
     with h5py.File(ref, "r") as f:  # the commit merged the run's checkpoint shards: count the checkpoints it wrote
-        n_units = -(-f["items"]["id"].shape[0] // int(EMBED_ARGS[EMBED_ARGS.index("--checkpoint-rows") + 1]))
+        n_units = -(-f["items"]["id"].shape[0] // EMBED_CHECKPOINT_ROWS)
     return _kill_sharded("embed", cells, "--store", EMBED_ARGS, ref, work / "killed.h5", work, kills, seed, n_units)
 
 
