@@ -5,9 +5,10 @@
    cross-correlation of the rings over the angle (summed over rings) gives the rotation at its two highest
    peaks, plain or mirrored, and the centres give the shift: up to four similarity transforms from query
    to candidate, without a search.
-2. **Refinement** of each by OpenCV's ECC (a full affine warp: rotation, shear, zoom, shift) on the small
-   canvases; the best must reach a band-passed correlation ``gate`` there, or the pair stops. Only then is
-   the warp refined again on the detailed canvases, where both images hold real pixels.
+2. **Refinement** by OpenCV's ECC (a full affine warp: rotation, shear, zoom, shift) on the small
+   canvases, best starting point first, stopping once one settles (``SETTLED``); the best must reach a
+   band-passed correlation ``gate`` there, or the pair stops. Only then is the warp refined again on the
+   detailed canvases, where both images hold real pixels.
 3. **Scores** over the central part of the overlap (augmented copies have filled-in borders): the
    correlation of the band-passed images (texture and outline, ``mid``), of their finest detail (``fine``),
    and of the finest detail in the flattest half (``flat``). Copies keep them; distinct cells that merely
@@ -33,10 +34,17 @@ RING_RADII = np.linspace(2.0, 12.0, 8)
 #: Rotation hypotheses refined per pair of centre guesses (the highest ring-correlation peaks, plain or
 #: mirrored): 2 confirmed 76 of 96 single copy pairs of the test cells, 1 confirmed 67.
 HYPOTHESES = 2
+#: Hypotheses are refined best first (by their correlation before refinement); the first always, later ones
+#: only while their unrefined correlation reaches HYPOTHESIS_FLOOR, and none once one refines to SETTLED.
+#: On 11,880 verified pairs of copies and distinct cells this cut the ECC refinements by 39 % and changed
+#: whether the gate passed for 6 of the 6,855 pairs that passed it with every hypothesis refined.
+HYPOTHESIS_FLOOR = 0.1
+SETTLED = 0.97
 _THETA = np.linspace(0, 2 * np.pi, RING_ANGLES, endpoint=False)
 _RING_X = (RING_RADII[:, None] * np.cos(_THETA)[None]).astype(np.float32)
 _RING_Y = (RING_RADII[:, None] * np.sin(_THETA)[None]).astype(np.float32)
 _MIRRORED = (-np.arange(RING_ANGLES)) % RING_ANGLES
+_PREV, _NEXT = np.roll(np.arange(RING_ANGLES), 1), np.roll(np.arange(RING_ANGLES), -1)
 
 
 @dataclass
@@ -93,7 +101,7 @@ def hypotheses(q: _Rings, c: _Rings, n: int = HYPOTHESES) -> list[np.ndarray]:
         found = []
         for mirror, spectra in ((False, q.spectra[k]), (True, q.mirrored[k])):
             corr = np.fft.irfft((np.conj(spectra) * c.spectra[k]).sum(axis=0), n=RING_ANGLES)
-            peaks = np.flatnonzero((corr >= np.roll(corr, 1)) & (corr > np.roll(corr, -1)))  # distinct angles, not one peak's flank
+            peaks = np.flatnonzero((corr >= corr[_PREV]) & (corr > corr[_NEXT]))  # distinct angles, not one peak's flank
             for s in peaks[np.argsort(-corr[peaks])][:n]:
                 y0, y1, y2 = corr[(s - 1) % RING_ANGLES], corr[s], corr[(s + 1) % RING_ANGLES]
                 den = y0 - 2 * y1 + y2
@@ -117,16 +125,27 @@ def match(q: Prepared, cands: list[Prepared], gate: float = 0.9) -> list[Match]:
     for cand in cands:
         rc = _rings(cand)
         small, warp = -2.0, None
-        for w0 in hypotheses(rq, rc):
+        for rank, (before, w0) in enumerate(_ranked(rq, q, rc, cand)):
+            if rank and before < HYPOTHESIS_FLOOR:
+                break  # ECC rarely lifts a start this poor over the gate (it did for 6 of 6,855 pairs that passed)
             w1 = _ecc(q.small, cand.small, w0, central_small, 0.8, 15)
             score = _wncc(rq.band, *_aligned(rq.band, q.small_mask, rc.band, cand.small_mask, w1))
             if score > small:
                 small, warp = score, w1
+            if small >= SETTLED:
+                break
         if small < gate:
             out.append(Match(small, -1.0, 0.0, small))
             continue
         out.append(_detailed(q, cand, warp, small))
     return out
+
+
+def _ranked(rq: _Rings, q: Prepared, rc: _Rings, cand: Prepared) -> list[tuple[float, np.ndarray]]:
+    """The hypotheses with the small-canvas correlation each gives before refinement, best first (a cheap
+    warp and correlation, against one ECC refinement each)."""
+    scored = [(_wncc(rq.band, *_aligned(rq.band, q.small_mask, rc.band, cand.small_mask, w)), w) for w in hypotheses(rq, rc)]
+    return sorted(scored, key=lambda x: -x[0])
 
 
 def _detailed(q: Prepared, cand: Prepared, warp: np.ndarray, small: float) -> Match:
@@ -181,9 +200,10 @@ def _ecc(xq: np.ndarray, xc: np.ndarray, warp: np.ndarray, weight: np.ndarray, s
                                       (weight > 0).astype(np.uint8), 1)
     except cv2.error:
         return warp
-    lin = out[:, :2].astype(np.float64)
-    sv = np.linalg.svd(lin, compute_uv=False)
-    if not (0.5 < sv[1] and sv[0] < 2.0):  # collapsed onto a corner or blown up: not a copy's warp
+    (a, b), (c, d) = out[:, :2].astype(np.float64)
+    energy, det = (a * a + b * b + c * c + d * d) / 2, abs(a * d - b * c)
+    largest = np.sqrt(energy + np.sqrt(max(energy * energy - det * det, 0.0)))  # singular values of a 2x2 map
+    if not (0.5 < det / max(largest, 1e-12) and largest < 2.0):  # collapsed onto a corner or blown up: not a copy's warp
         return warp
     return out
 
