@@ -60,6 +60,11 @@ def test_page_holds_every_section(study):
     for name in names:
         assert name in html
     assert "chance (16 classes)" in html and "0.062" in html  # 1/16 balanced accuracy
+    # Against the best row the table gives the group-bootstrap p of the paired table, not McNemar's item count.
+    shown = re.findall(r"\], p=([^<]+)</td>", html)
+    paired = re.findall(r"<td>([^<]*)</td><td>\d+ / \d+</td><td>([^<]*)</td>", html)  # p (group bootstrap), McNemar p
+    assert len(shown) == len(names) - 1 and len(paired) == len(shown)
+    assert sorted(shown) == sorted(boot for boot, _ in paired)
     assert re.search(r'class="verdict (clean|leak)"', html)  # the leak check ran and gave its verdict
     assert "coloured by label" in html and "coloured by correctness" in html
     assert "misclassified cells of" in html and 'id="cams"' in html

@@ -68,7 +68,7 @@ def table_section(results: list[cmp.Result], n_boot: int) -> dict:
         p = pair_of.get(row["name"])
         cell.append("best" if p is None else _pair_text(p))
     classes = best.classes
-    return {"head": cmp.TABLE_HEAD + ["vs best: Δ balanced acc. [95% CI], McNemar p"], "cells": cells,
+    return {"head": cmp.TABLE_HEAD + ["vs best: Δ balanced acc. [95% CI], p (group bootstrap)"], "cells": cells,
             "pair_head": cmp.PAIR_HEAD, "pair_cells": cmp.pair_cells(pairs), "best": best.name,
             "chance": chance_row(best), "n_classes": len(classes),
             "forest": Picture("data:image/png;base64," + cmp.forest_plot(rows), "balanced accuracy with 95% CIs",
@@ -80,7 +80,7 @@ def _pair_text(p: dict) -> str:
     if "ci" not in p:
         return p["note"] or "n/a"
     return (f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}], "
-            f"p={cmp._fmt_p(p['mcnemar']['p_value'])}")
+            f"p={cmp._fmt_p(p['p_boot'])}")  # resamples whole groups; McNemar's item count overstates significance
 
 
 def chance_row(result: cmp.Result) -> dict:
