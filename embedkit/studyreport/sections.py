@@ -80,7 +80,7 @@ def _pair_text(p: dict) -> str:
     if "ci" not in p:
         return p["note"] or "n/a"
     return (f"{p['diff_balanced_accuracy']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}], "
-            f"p={cmp._fmt_p(p['p_boot'])}")  # resamples whole groups; McNemar's item count overstates significance
+            f"p={cmp._fmt_p(p['p_boot'])}")  # resamples whole groups; McNemar treats cells of one group as independent
 
 
 def chance_row(result: cmp.Result) -> dict:
