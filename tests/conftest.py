@@ -12,6 +12,10 @@ from typing import Callable
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One intra-op thread per process: pytest-xdist already runs one worker per core, and on a busy machine threads
+# that spin-wait on each other make every torch or BLAS call many times slower. Set these to override.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
