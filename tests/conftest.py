@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,27 @@ def run_cli(*args: str, check: bool = True, timeout: float = 3000, env: dict | N
     if check and proc.returncode != 0:
         raise AssertionError(f"embedkit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def invoke_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``embedkit ARGS`` run inside this process, for steps whose results a test checks rather than the process
+    itself (exit status, one-line errors and kills need :func:`run_cli`): no interpreter start, imports paid once.
+    Raises AssertionError unless it exits 0; the environment and working folder are restored afterwards."""
+    from click.testing import CliRunner
+
+    from embedkit.cli import cli
+
+    saved = dict(os.environ)
+    try:
+        with contextlib.chdir(ROOT):
+            res = CliRunner().invoke(cli, [str(a) for a in args], env=env, prog_name="embedkit")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if res.exit_code != 0:
+        detail = "".join(traceback.format_exception(*res.exc_info)) if res.exc_info and res.exception else ""
+        raise AssertionError(f"embedkit {' '.join(map(str, args))} failed ({res.exit_code}):\n{res.stderr[-3000:]}{detail[-3000:]}")
+    return subprocess.CompletedProcess(["embedkit", *map(str, args)], 0, res.stdout, res.stderr)
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
