@@ -40,16 +40,19 @@ def run_cli(*args: str, check: bool = True, timeout: float = 3000, env: dict | N
 def invoke_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``embedkit ARGS`` run inside this process, for steps whose results a test checks rather than the process
     itself (exit status, one-line errors and kills need :func:`run_cli`): no interpreter start, imports paid once.
-    Raises AssertionError unless it exits 0; the environment and working folder are restored afterwards."""
+    Raises AssertionError unless it exits 0; the environment, sys.argv and working folder are restored afterwards."""
     from click.testing import CliRunner
 
     from embedkit.cli import cli
 
-    saved = dict(os.environ)
+    argv = [str(a) for a in args]
+    saved, saved_argv = dict(os.environ), sys.argv
+    sys.argv = [str(ROOT / "embedkit" / "cli.py"), *argv]  # as ``python -m embedkit.cli`` sees it (reports record it)
     try:
         with contextlib.chdir(ROOT):
-            res = CliRunner().invoke(cli, [str(a) for a in args], env=env, prog_name="embedkit")
+            res = CliRunner().invoke(cli, argv, env=env, prog_name="embedkit")
     finally:
+        sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved)
     if res.exit_code != 0:
