@@ -369,7 +369,7 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
     cuda = dev.type == "cuda"
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else (1 if (os.cpu_count() or 1) > 1 else 0)
-    if not cuda:
+    if not cuda and not os.environ.get("OMP_NUM_THREADS"):  # every core, unless OMP_NUM_THREADS says otherwise
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     ds = work.dataset(raw=on_device)
     loader = torch.utils.data.DataLoader(

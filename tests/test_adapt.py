@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MITOCHECK, ROOT, run_cli
+from conftest import MITOCHECK, ROOT, invoke_cli, run_cli
 from embedkit.splits import Fold, Splits
 from embedkit.store import fingerprint
 
@@ -81,8 +81,8 @@ def cells(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def adapted(cells) -> Path:
     out = cells["base"] / "encoders" / "lite0-adapted"
-    run_cli("adapt", cells["clean"], *BUDGET, "--splits", cells["splits"], "--exclude-split", "test", "--out", out,
-            "--quiet")
+    invoke_cli("adapt", cells["clean"], *BUDGET, "--splits", cells["splits"], "--exclude-split", "test", "--out", out,
+               "--quiet")
     return out
 
 
@@ -192,7 +192,7 @@ def test_adapted_encoder_embeds_and_compares_with_the_frozen_one(adapted, cells,
     store = tmp_path / "cells.h5"
     embed(discover(cells["clean"]), store, create_encoder("efficientnet_lite0", image_size=40), key="frozen",
           progress=False)
-    run_cli("embed", cells["clean"], "--store", store, "--encoder", f"local:{adapted}", "--key", "adapted", "--quiet")
+    invoke_cli("embed", cells["clean"], "--store", store, "--encoder", f"local:{adapted}", "--key", "adapted", "--quiet")
     s = Store(store)
     frozen_cfg, adapted_cfg = s.config("frozen"), s.config("adapted")
     saved = json.loads((adapted / "encoder.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DATA, run_cli
+from conftest import DATA, invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +16,9 @@ def cell_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ad")
     tifffile.imwrite(tmp / "field.tif", tifffile.imread(DATA / "stardist" / "img2d.tif")[:256, :256])
     store = tmp / "cells.h5"
-    run_cli("segment", tmp / "field.tif", "--out", store, "--backend", "watershed", "--crop", "32", "--quiet")
-    run_cli("embed", store, "--store", store, "--quiet")
-    run_cli("view", store, "--method", "pca", "--out", tmp / "pca.png", "--quiet")
+    invoke_cli("segment", tmp / "field.tif", "--out", store, "--backend", "watershed", "--crop", "32", "--quiet")
+    invoke_cli("embed", store, "--store", store, "--quiet")
+    invoke_cli("view", store, "--method", "pca", "--out", tmp / "pca.png", "--quiet")
     return store
 
 

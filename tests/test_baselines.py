@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MITOCHECK, run_cli
+from conftest import MITOCHECK, invoke_cli
 from embedkit.baselines.handcrafted import FEATURE_NAMES, cell_features
 from embedkit.baselines.random_init import random_encoder
 from embedkit.embed import to_tensor
@@ -63,7 +63,7 @@ def test_self_test_catches_planted_preprocessing_bugs():
 @pytest.fixture(scope="module")
 def anchored(lite0_store_ro, tmp_path_factory):
     out = tmp_path_factory.mktemp("anchored") / "res"
-    proc = run_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
+    proc = invoke_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
     return out, proc.stdout
 
 
@@ -91,5 +91,6 @@ def test_baselines_appear_in_compare(anchored, tmp_path):
 
 
 def test_no_baselines_flag(lite0_store_ro, tmp_path):
-    proc = run_cli("probe", lite0_store_ro, "--heads", "knn", "--seeds", "1", "--no-baselines", "--out", tmp_path / "r", "--quiet")
+    proc = invoke_cli("probe", lite0_store_ro, "--heads", "knn", "--seeds", "1", "--no-baselines", "--out", tmp_path / "r",
+                      "--quiet")
     assert "baseline random-init" not in proc.stdout and "beat" not in proc.stdout and not (tmp_path / "r" / "baselines").exists()

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli, run_cli
 from embedkit.store import Store
 
 
@@ -54,7 +54,7 @@ def test_sample_store_has_items_groups_and_provenance(lite0_store_ro):
     assert cfg["preprocess"]["mean"] == [0.5, 0.5, 0.5] and cfg["dim"] == 1280
     v = s.vectors("efficientnet_lite0")
     assert v.shape == (320, 1280) and np.isfinite(v).all() and s.done("efficientnet_lite0").all()
-    info = run_cli("info", lite0_store_ro).stdout
+    info = invoke_cli("info", lite0_store_ro).stdout
     assert "320/320 done" in info and "Interphase 20" in info
 
 
@@ -67,7 +67,7 @@ def test_augmented_copies_are_closer_than_other_cells(tmp_path, subset):
         Image.fromarray(im).save(folder / f"orig_{f.name}")
         Image.fromarray(np.fliplr(np.rot90(im))).save(folder / f"aug_{f.name}")
     store = tmp_path / "a.h5"
-    run_cli("embed", folder, "--store", store, "--quiet")
+    invoke_cli("embed", folder, "--store", store, "--quiet")
     s = Store(store)
     ids, v = list(s.ids), s.vectors("efficientnet_lite0")
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -127,7 +127,7 @@ def test_bad_images_stop_cleanly_or_are_skipped_with_a_report(tmp_path, subset):
     assert "Bad/" in line and "--skip-bad" in line
     assert not (store.exists() and "efficientnet_lite0" in Store(store).keys)
 
-    proc = run_cli("embed", folder, "--store", store, "--quiet", "--skip-bad")
+    proc = invoke_cli("embed", folder, "--store", store, "--quiet", "--skip-bad")
     assert "skipped 3 bad images" in proc.stderr
     s = Store(store)
     done = dict(zip(s.ids, s.done("efficientnet_lite0")))
@@ -140,7 +140,7 @@ def test_bad_images_stop_cleanly_or_are_skipped_with_a_report(tmp_path, subset):
     tif_only = tmp_path / "tif"
     tif_only.mkdir()
     shutil.copy(folder / "Bad" / "five.tif", tif_only)
-    run_cli("embed", tif_only, "--store", tmp_path / "t.h5", "--channels", "0,1,2", "--quiet")
+    invoke_cli("embed", tif_only, "--store", tmp_path / "t.h5", "--channels", "0,1,2", "--quiet")
 
 
 def test_missing_manifest_file_and_key_mismatch(tmp_path, subset):
@@ -149,13 +149,13 @@ def test_missing_manifest_file_and_key_mismatch(tmp_path, subset):
     line = _error_line(run_cli("embed", src, "--store", store, "--quiet", check=False))
     assert "does_not_exist.png" in line and "file not found" in line
     assert not store.exists()
-    run_cli("embed", src, "--store", store, "--quiet", "--skip-bad")
+    invoke_cli("embed", src, "--store", store, "--quiet", "--skip-bad")
     before = _tree_bytes(tmp_path)
     line = _error_line(run_cli("embed", src, "--store", store, "--image-size", "128", "--quiet", "--skip-bad", check=False))
     assert "different encoder configuration" in line and "--key" in line
     assert _tree_bytes(tmp_path) == before  # nothing already written is lost or changed, and nothing is added
     # another configuration goes under its own key, beside the first
-    run_cli("embed", src, "--store", store, "--image-size", "128", "--key", "lite0_128", "--quiet", "--skip-bad")
+    invoke_cli("embed", src, "--store", store, "--image-size", "128", "--key", "lite0_128", "--quiet", "--skip-bad")
     assert sorted(Store(store).keys) == ["efficientnet_lite0", "lite0_128"]
 
 
@@ -167,12 +167,13 @@ def test_other_encoders_go_through_embed(tmp_path, subset):
     store = tmp_path / "s.h5"
     _tiny_hf("dinov2_reg", tmp_path / "d2")
     _tiny_hf("dinov3", tmp_path / "d3")
-    run_cli("embed", src, "--store", store, "--encoder", "dinov2_vits14_reg", "--weights", tmp_path / "d2",
-            "--pooling", "cls+mean", "--image-size", "98", "--quiet")
-    run_cli("embed", src, "--store", store, "--encoder", f"hf:{tmp_path / 'd3'}", "--key", "tiny_dinov3", "--quiet")
-    run_cli("embed", src, "--store", store, "--encoder", "timm:vit_tiny_patch16_224", "--random-init",
-            "--image-size", "64", "--quiet")
-    run_cli("embed", src, "--store", store, "--encoder", "timm:resnet10t", "--random-init", "--image-size", "64", "--quiet")
+    invoke_cli("embed", src, "--store", store, "--encoder", "dinov2_vits14_reg", "--weights", tmp_path / "d2",
+               "--pooling", "cls+mean", "--image-size", "98", "--quiet")
+    invoke_cli("embed", src, "--store", store, "--encoder", f"hf:{tmp_path / 'd3'}", "--key", "tiny_dinov3", "--quiet")
+    invoke_cli("embed", src, "--store", store, "--encoder", "timm:vit_tiny_patch16_224", "--random-init",
+               "--image-size", "64", "--quiet")
+    invoke_cli("embed", src, "--store", store, "--encoder", "timm:resnet10t", "--random-init", "--image-size", "64",
+               "--quiet")
     s = Store(store)
     dims = {k: s.vectors(k).shape[1] for k in s.keys}
     assert dims == {"dinov2_vits14_reg": 64, "tiny_dinov3": 32, "timm_vit_tiny_patch16_224": 192, "timm_resnet10t": 512}
@@ -184,7 +185,7 @@ def test_export_h5ad_csv_npy(tmp_path, lite0_store):
     import anndata
 
     for fmt in ("h5ad", "csv", "npy"):
-        run_cli("export", lite0_store, "--format", fmt, "--out", tmp_path / f"x.{fmt}")
+        invoke_cli("export", lite0_store, "--format", fmt, "--out", tmp_path / f"x.{fmt}")
     ad = anndata.read_h5ad(tmp_path / "x.h5ad")
     assert ad.shape == (320, 1280)
     assert set(ad.obs.columns) >= {"label", "group", "path"}
@@ -194,7 +195,7 @@ def test_export_h5ad_csv_npy(tmp_path, lite0_store):
 
 
 def test_help_is_useful():
-    out = run_cli("embed", "--help").stdout
+    out = invoke_cli("embed", "--help").stdout
     for word in ("class folders", "manifest", "--skip-bad", "--channels", "resume"):
         assert word in out
-    assert "efficientnet_lite0" in run_cli("encoders").stdout
+    assert "efficientnet_lite0" in invoke_cli("encoders").stdout

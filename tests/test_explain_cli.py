@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from embedkit.images import read_image
 
 SPOT = (slice(3, 13), slice(3, 13))  # a bright square in the top-left corner of a 64 x 64 cell
@@ -66,8 +66,9 @@ def peak_in_corner(m: np.ndarray) -> bool:
 
 def test_probe_on_frozen_encoder_end_to_end_peaks_on_the_spot(spot_probe, tmp_path):
     out = tmp_path / "cams"
-    proc = run_cli("explain", spot_probe / "results" / "logreg", "--store", spot_probe / "spot.h5", "--select", "per-class",
-                   "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "2", "--out", out, "--quiet")
+    proc = invoke_cli("explain", spot_probe / "results" / "logreg", "--store", spot_probe / "spot.h5", "--select",
+                      "per-class", "--n", "2", "--method", "gradcam,hirescam", "--faithfulness", "--steps", "2", "--out", out,
+                      "--quiet")
     assert "explained 4 images" in proc.stdout and "layer bn2" in proc.stdout
     items = pd.read_csv(out / "items.csv", keep_default_na=False)
     assert sorted(items["true"]) == ["plain"] * 2 + ["spot"] * 2

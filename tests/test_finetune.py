@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli, run_cli
 from embedkit.errors import EmbedkitError, WeightsNotFoundError
 from embedkit.splits import Splits, make_splits
 
@@ -34,7 +34,7 @@ def _history(out: Path) -> dict:
 def probe_results(lite0_store_ro, tmp_path_factory) -> Path:
     """A real 'embedkit probe' run on the sample store: OUT/splits.json and the OUT/logreg result folder."""
     out = tmp_path_factory.mktemp("results")
-    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
+    invoke_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--out", out, "--quiet")
     return out
 
 
@@ -46,7 +46,7 @@ def probe_splits(probe_results) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(lite0_store_ro, probe_splits, probe_results) -> Path:
     out = probe_results / "finetune"
-    run_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY, env=ONE_THREAD)
+    invoke_cli("finetune", lite0_store_ro, "--splits", probe_splits, "--epochs", "5", "--out", out, *TINY, env=ONE_THREAD)
     return out
 
 
@@ -102,7 +102,7 @@ def test_checkpoint_reloads_and_reproduces_predictions(tiny_run, lite0_store_ro)
 
 def test_compare_finetune_against_the_probe_end_to_end(tiny_run, probe_results, probe_splits):
     """embedkit probe -> finetune --splits -> compare: one table, paired row by row on the same test cells."""
-    proc = run_cli("compare", probe_results)
+    proc = invoke_cli("compare", probe_results)
     assert "efficientnet_lite0/logreg" in proc.stdout and "test_resnet fine-tuned" in proc.stdout
     rep = json.loads((probe_results / "comparison" / "comparison.json").read_text())
     assert {r["kind"] for r in rep["rows"]} == {"probe", "finetune", "baseline"}

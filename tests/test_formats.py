@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import DATA, run_cli
+from conftest import DATA, invoke_cli, run_cli
 
 pytest.importorskip("bioio")
 pytest.importorskip("bioio_ome_tiff")
@@ -168,9 +168,9 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path):
 
 def test_cli_embed_by_channel_name_records_items(files, tmp_path):
     store = tmp_path / "s.h5"
-    proc = run_cli("embed", files["root"] / "fixed" / "five.ome.tiff", files["root"] / "fixed" / "movie.ome.tiff",
-                   files["root"] / "fixed" / "stack.ome.tiff", "--store", store, "--channels", "DAPI,Phalloidin,-",
-                   "--z", "mid", "--t", "0,2", "--quiet")
+    proc = invoke_cli("embed", files["root"] / "fixed" / "five.ome.tiff", files["root"] / "fixed" / "movie.ome.tiff",
+                      files["root"] / "fixed" / "stack.ome.tiff", "--store", store, "--channels", "DAPI,Phalloidin,-",
+                      "--z", "mid", "--t", "0,2", "--quiet")
     from embedkit.store import Store
 
     s = Store(store)
@@ -183,8 +183,8 @@ def test_cli_embed_by_channel_name_records_items(files, tmp_path):
 
 def test_cli_segment_plate_cells_keep_their_well(files, tmp_path):
     store = tmp_path / "cells.h5"
-    run_cli("segment", files["root"] / "plate.ome.zarr", "--out", store, "--backend", "watershed", "--channels", "DAPI",
-            "--crop", "32", "--quiet")
+    invoke_cli("segment", files["root"] / "plate.ome.zarr", "--out", store, "--backend", "watershed", "--channels",
+               "DAPI", "--crop", "32", "--quiet")
     from embedkit.store import Store
 
     frame = Store(store).items_frame()

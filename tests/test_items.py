@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import MITOCHECK, run_cli
+from conftest import MITOCHECK, invoke_cli
 from embedkit.errors import EmbedkitError
 from embedkit.images import Conversion, load_rgb
 from embedkit.items import Item, ItemSet
@@ -26,7 +26,7 @@ def test_sources_share_the_one_item_model():
 
 def test_store_pixels_are_read_from_the_store_not_the_file(tmp_path):
     store_path = tmp_path / "patches.h5"
-    run_cli("patches", CELL, "--out", store_path, "--size", "32", "--stride", "32", "--filter", "none", "--quiet")
+    invoke_cli("patches", CELL, "--out", store_path, "--size", "32", "--stride", "32", "--filter", "none", "--quiet")
     items = ItemSet.from_store(Store(store_path))
     assert items.has_pixels and items.kind == "store pixels" and len(items) == 4
     field = load_rgb(CELL)

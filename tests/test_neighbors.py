@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 KEY = "efficientnet_lite0"
 
@@ -66,7 +66,7 @@ def test_search_api_is_exact_and_approximate_indexes_reach_target_recall(lite0):
 def test_item_lookup_returns_itself_first_with_sheet_csv_and_group_exclusion(lite0, lite0_store_ro, tmp_path):
     s, _, _ = lite0
     item, group = str(s.ids[7]), str(s.groups[7])
-    out = run_cli("neighbors", lite0_store_ro, item, "-k", "6", "--sheet", tmp_path / "sheet.png", "--out", tmp_path / "nn.csv")
+    out = invoke_cli("neighbors", lite0_store_ro, item, "-k", "6", "--sheet", tmp_path / "sheet.png", "--out", tmp_path / "nn.csv")
     rows = _table(out.stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["id"] == item and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
@@ -77,7 +77,7 @@ def test_item_lookup_returns_itself_first_with_sheet_csv_and_group_exclusion(lit
 
     table = pd.read_csv(tmp_path / "nn.csv")
     assert list(table.columns) == ["query", "rank", "id", "label", "group", "similarity"] and len(table) == 6
-    hidden = _table(run_cli("neighbors", lite0_store_ro, item, "-k", "6", "--exclude-same-group").stdout)
+    hidden = _table(invoke_cli("neighbors", lite0_store_ro, item, "-k", "6", "--exclude-same-group").stdout)
     assert len(hidden) == 6 and all(r["group"] != group for r in hidden)
     assert hidden[0]["id"] == next(r["id"] for r in rows if r["group"] != group)
 
@@ -88,47 +88,47 @@ def test_image_file_and_csv_queries_are_embedded_like_the_store(lite0, lite0_sto
     for n in (a, b):
         shutil.copy(s.abspath(str(s.column("path")[n])), tmp_path / f"q{n}.png")
     (tmp_path / "queries.csv").write_text(f"path,note\nq{a}.png,x\nq{b}.png,y\n")
-    out = run_cli("neighbors", lite0_store_ro, tmp_path / "queries.csv", "-k", "2", "--sheet", tmp_path / "s.png").stdout
+    out = invoke_cli("neighbors", lite0_store_ro, tmp_path / "queries.csv", "-k", "2", "--sheet", tmp_path / "s.png").stdout
     firsts = [r for r in _table(out) if r["rank"] == 1]
     assert [r["id"] for r in firsts] == [str(s.ids[a]), str(s.ids[b])]
     assert all(r["similarity"] > 0.9999 for r in firsts)  # the files of store items give back their own vectors
     _assert_png(tmp_path / "s.png", min_width=300)
     (tmp_path / "ids.csv").write_text(f"id\n{s.ids[b]}\n")
-    assert _table(run_cli("neighbors", lite0_store_ro, tmp_path / "ids.csv", "-k", "1").stdout)[0]["id"] == str(s.ids[b])
+    assert _table(invoke_cli("neighbors", lite0_store_ro, tmp_path / "ids.csv", "-k", "1").stdout)[0]["id"] == str(s.ids[b])
 
 
 def test_index_is_saved_with_a_record_and_goes_stale_when_rows_are_added(lite0_store, mitocheck_dir, tmp_path):
-    out = run_cli("index", lite0_store).stdout
+    out = invoke_cli("index", lite0_store).stdout
     assert "auto: 320 rows < 50,000: exact flat search" in out
     record = json.loads(Path(str(lite0_store).replace(".h5", f".{KEY}.faiss.json")).read_text())
     assert record["kind"] == "flat" and record["n_rows"] == 320 and record["key"] == KEY
-    assert "up to date" in run_cli("index", lite0_store, "--status").stdout
-    out = run_cli("index", lite0_store, "--kind", "hnsw").stdout
+    assert "up to date" in invoke_cli("index", lite0_store, "--status").stdout
+    out = invoke_cli("index", lite0_store, "--kind", "hnsw").stdout
     assert "hnsw index of 320 rows" in out
     rec = json.loads(Path(str(lite0_store).replace(".h5", f".{KEY}.faiss.json")).read_text())
     assert rec["recall_at_10"] >= 0.95 and rec["params"]["efSearch"] >= 16
     from embedkit.store import Store
 
     item = str(Store(lite0_store).ids[0])
-    assert "computed PCA of 320 rows" in run_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
-    used = run_cli("neighbors", lite0_store, item, "-k", "3")
+    assert "computed PCA of 320 rows" in invoke_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
+    used = invoke_cli("neighbors", lite0_store, item, "-k", "3")
     assert "(hnsw)" in used.stdout and _table(used.stdout)[0]["id"] == item
     # two more cells arrive in the store: the saved index no longer covers it
     extra = tmp_path / "more" / "Interphase"
     extra.mkdir(parents=True)
     for f in sorted((mitocheck_dir / "Interphase").glob("*.png"))[:2]:
         shutil.copy(f, extra / f"new_{f.name}")
-    run_cli("embed", extra.parent, "--store", lite0_store, "--quiet")
+    invoke_cli("embed", extra.parent, "--store", lite0_store, "--quiet")
     status = run_cli("index", lite0_store, "--status", check=False)
     assert status.returncode == 1 and "stale" in status.stdout and "+2 embedded rows" in status.stdout
     new_id = f"Interphase/new_{sorted((mitocheck_dir / 'Interphase').glob('*.png'))[0].name}"
-    looked = run_cli("neighbors", lite0_store, new_id, "-k", "2")
+    looked = invoke_cli("neighbors", lite0_store, new_id, "-k", "2")
     assert "is stale" in looked.stderr and "searching exactly" in looked.stderr
     assert _table(looked.stdout)[0]["id"] == new_id  # the new row is found although the index lacks it
-    run_cli("index", lite0_store)
-    assert "up to date" in run_cli("index", lite0_store, "--status").stdout
+    invoke_cli("index", lite0_store)
+    assert "up to date" in invoke_cli("index", lite0_store, "--status").stdout
     # the saved PCA view is stale too: it is recomputed, not reused
-    assert "computed PCA of 322 rows" in run_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
+    assert "computed PCA of 322 rows" in invoke_cli("view", lite0_store, "--method", "pca", "--out", tmp_path / "p.png").stdout
 
 
 def test_image_queries_use_the_keys_configuration_and_refuse_unrebuildable_weights(mitocheck_dir, tmp_path):
@@ -146,13 +146,13 @@ def test_image_queries_use_the_keys_configuration_and_refuse_unrebuildable_weigh
     embed(source, store, create_encoder("efficientnet_lite0", image_size=160), key="lite0_160", device="cpu", progress=False)
     embed(source, store, create_encoder("timm:resnet10t", image_size=64, pretrained=False), device="cpu", progress=False)
     query = src / files[2].name
-    rows = _table(run_cli("neighbors", store, query, "--encoder", "lite0_160", "-k", "2").stdout)
+    rows = _table(invoke_cli("neighbors", store, query, "--encoder", "lite0_160", "-k", "2").stdout)
     # embedded at 160 px as the key was: identical vector (at 224 px the same cell gives cosine ~0.85)
     assert rows[0]["id"] == f"Prometaphase/{files[2].name}" and rows[0]["similarity"] > 0.9999
     refused = run_cli("neighbors", store, query, "--encoder", "timm_resnet10t", check=False)
     assert refused.returncode == 2 and "randomly initialised" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    by_id = _table(run_cli("neighbors", store, f"Prometaphase/{files[2].name}", "--encoder", "timm_resnet10t", "-k", "1").stdout)
+    by_id = _table(invoke_cli("neighbors", store, f"Prometaphase/{files[2].name}", "--encoder", "timm_resnet10t", "-k", "1").stdout)
     assert by_id[0]["similarity"] == pytest.approx(1.0, abs=1e-4)  # stored vectors still work
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MITOCHECK, run_cli
+from conftest import MITOCHECK, invoke_cli, run_cli
 from PIL import Image
 
 SOURCES = 16
@@ -36,8 +36,8 @@ def copies_store(tmp_path_factory):
         if n == SOURCES:
             break
     store = root / "copies.h5"
-    run_cli("embed", root / "cells", "--store", store, "--encoder", "efficientnet_lite0", "--image-size", "32",
-            "--group-by", "file", "--quiet")
+    invoke_cli("embed", root / "cells", "--store", store, "--encoder", "efficientnet_lite0", "--image-size", "32",
+               "--group-by", "file", "--quiet")
     return store
 
 
@@ -149,8 +149,8 @@ def test_probe_groups_by_a_leaks_grouping_file(lite0_store_ro, tmp_path):
     assert list(groups) == cells and name == f"leaks:{tmp_path / 'groups.csv'}"
 
     out = tmp_path / "probe"
-    run_cli("probe", lite0_store_ro, "--group-by", f"leaks:{tmp_path / 'groups.csv'}", "--heads", "knn",
-            "--no-baselines", "--out", out, "--quiet")
+    invoke_cli("probe", lite0_store_ro, "--group-by", f"leaks:{tmp_path / 'groups.csv'}", "--heads", "knn",
+               "--no-baselines", "--out", out, "--quiet")
     splits = json.loads((out / "splits.json").read_text())
     assert splits["group_by"] == f"leaks:{tmp_path / 'groups.csv'}"
     group_of = dict(zip(s.ids, cells))

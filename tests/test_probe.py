@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import MITOCHECK, run_cli
+from conftest import MITOCHECK, invoke_cli, run_cli
 from embedkit.errors import EmbedkitError
 from embedkit.probe import HEADS, load_probe
 from embedkit.splits import PARTS, Splits
@@ -22,7 +22,7 @@ CONTRACT = ("kind", "name", "encoder", "encoder_config_fingerprint", "head", "sp
 def demo(lite0_store_ro, tmp_path_factory):
     """The README demo: every head on the 320-cell sample."""
     out = tmp_path_factory.mktemp("probe") / "demo"
-    proc = run_cli("probe", lite0_store_ro, "--heads", "all", "--seeds", "1", "--out", out, "--quiet")
+    proc = invoke_cli("probe", lite0_store_ro, "--heads", "all", "--seeds", "1", "--out", out, "--quiet")
     return out, proc.stdout
 
 
@@ -108,7 +108,7 @@ def test_predict_refuses_embeddings_of_another_encoder_configuration(demo, lite0
     assert bad.returncode == 2 and not (tmp_path / "p.csv").exists()
     err = bad.stderr.strip().splitlines()
     assert len(err) == 1 and "another encoder configuration" in err[0] and "'size': 64" in err[0]
-    ok = run_cli("predict", lite0_store, "--probe", out / "logreg" / "probe", "--out", tmp_path / "p.csv")
+    ok = invoke_cli("predict", lite0_store, "--probe", out / "logreg" / "probe", "--out", tmp_path / "p.csv")
     assert "key 'efficientnet_lite0'" in ok.stdout  # the matching key is found, never guessed
     pred = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert len(pred) == 320 and set(pred["pred"]) <= set(load_probe(out / "logreg" / "probe").classes)
@@ -127,8 +127,8 @@ def test_unsafe_groups_trigger_the_automatic_leak_check(lite0_store_ro, tmp_path
     """Every file its own group is the grouping that hides copies: probe checks a sample and says what it found."""
     args = ("probe", lite0_store_ro, "--encoder", "efficientnet_lite0", "--heads", "logreg", "--seeds", "1",
             "--no-baselines", "--group-by", "file", "--quiet")
-    checked = run_cli(*args, "--out", tmp_path / "a").stdout
+    checked = invoke_cli(*args, "--out", tmp_path / "a").stdout
     line = next(x for x in checked.splitlines() if x.startswith("leak check (every item is its own group)"))
     assert "test items" in line and ("clean" in line or "LEAK" in line)
     assert line in (tmp_path / "a" / "summary.md").read_text()
-    assert "leak check" not in run_cli(*args, "--no-leak-check", "--out", tmp_path / "b").stdout
+    assert "leak check" not in invoke_cli(*args, "--no-leak-check", "--out", tmp_path / "b").stdout

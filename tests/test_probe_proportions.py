@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from embedkit.errors import EmbedkitError
 from embedkit.probe import HeadOptions, ProbeSettings, run_probe
 from embedkit.splits import SplitSpec
@@ -57,8 +57,8 @@ def test_mixed_populations_from_held_out_cells(lite0_store, tmp_path):
         w.writerows(rows)
 
     probes = [tmp_path / "probe" / h / "probe" for h in ("logreg", "knn")]
-    proc = run_cli("proportions", lite0_store, "--probe", probes[0], "--probe", probes[1],
-                   "--populations", tmp_path / "pops.csv", "--out", tmp_path / "prop")
+    proc = invoke_cli("proportions", lite0_store, "--probe", probes[0], "--probe", probes[1],
+                      "--populations", tmp_path / "pops.csv", "--out", tmp_path / "prop")
     assert "adjusted_count" in proc.stdout and "RMSE" in proc.stdout
     rec = json.loads((tmp_path / "prop" / "proportions.json").read_text())
     assert rec["n_populations"] == rec["n_with_truth"] == 12 and rec["probes"] == [

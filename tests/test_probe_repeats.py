@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from embedkit.baselines import BASELINES
 from embedkit.metrics import group_bootstrap, split_group_bootstrap
 from embedkit.probe import HeadOptions, ProbeSettings, load_probe, run_probe, summary_table
@@ -47,8 +47,8 @@ def test_python_defaults_match_the_cli():
 
 def test_probe_runs_five_grouped_splits_by_default(lite0_store_ro, tmp_path):
     out = tmp_path / "r"
-    proc = run_cli("probe", lite0_store_ro, "--heads", "logreg", "--no-baselines", "--C", "0.01,1", "--n-boot", "100",
-                   "--out", out, "--quiet")
+    proc = invoke_cli("probe", lite0_store_ro, "--heads", "logreg", "--no-baselines", "--C", "0.01,1", "--n-boot", "100",
+                      "--out", out, "--quiet")
     splits = Splits.load(out / "splits.json")
     assert len(splits.folds) == 5 and splits.meta["runs"] == [f"seed{i}" for i in range(5)]
     assert "mean of 5 runs" in proc.stdout and "QUICK LOOK" not in proc.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -33,8 +33,8 @@ def study(lite0_store_ro, tmp_path_factory) -> dict:
     _main("explain", results / "logreg", "--store", lite0_store_ro, "--select", "misclassified", "--n", "2",
           "--out", root / "cams")
     out = root / "report.html"
-    proc = run_cli("report", results, "--store", lite0_store_ro, "--out", out, "--explain", root / "cams",
-                   "--method", "pca", "--n-boot", "200", "--mistakes", "2", "--selfcheck", "--quiet")
+    proc = invoke_cli("report", results, "--store", lite0_store_ro, "--out", out, "--explain", root / "cams",
+                      "--method", "pca", "--n-boot", "200", "--mistakes", "2", "--selfcheck", "--quiet")
     return {"root": root, "results": results, "out": out, "html": out.read_text(), "stdout": proc.stdout,
             "store": lite0_store_ro}
 

@@ -5,6 +5,7 @@ segment / patches giving the same store.
 One local Ray (2 CPUs, no dashboard, a short temp dir) serves the whole module: Ray starts slowly.
 """
 
+import os
 import shutil
 import signal
 import tempfile
@@ -28,6 +29,18 @@ from embedkit.engines.ray_engine import RayEngine, plan_pool  # noqa: E402
 #: Small enough to be quick, large enough for three shard blocks of 16 (batches as in the local engine).
 N_CELLS, SIZE, BATCH = 40, 96, 16
 CLASSES = ("Anaphase", "Apoptosis", "Interphase", "Metaphase")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_threads():
+    """The local engine on every core, as it runs by default. Its last, partial batch is not padded, and with one
+    thread the kernels chosen for it round differently (~1e-5) from the full batches the Ray replicas run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli, run_cli
 from embedkit.images import read_image, to_rgb, to_uint8
 from embedkit.segment.crops import cut_crop, measure_cells
 from embedkit.segment.outputs import safe_name
@@ -45,7 +45,7 @@ def fields(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ws_store(fields, tmp_path_factory) -> tuple[Path, str]:
     store = tmp_path_factory.mktemp("ws") / "cells.h5"
-    proc = run_cli("segment", fields, "--out", store, *WS, "--overlays", "1")
+    proc = invoke_cli("segment", fields, "--out", store, *WS, "--overlays", "1")
     return store, proc.stdout
 
 
@@ -116,8 +116,8 @@ def test_cells_carry_full_provenance(ws_store, fields):
 
 def test_edge_keep_mask_and_group_by(fields, tmp_path):
     store = tmp_path / "masked.h5"
-    run_cli("segment", fields, "--out", store, *WS, "--edge", "keep", "--mask", "--crop", "48", "--min-area", "40",
-            "--group-by", "parent")
+    invoke_cli("segment", fields, "--out", store, *WS, "--edge", "keep", "--mask", "--crop", "48", "--min-area", "40",
+               "--group-by", "parent")
     rows = rows_of(store)
     assert rows["edge"].any() and (rows["area"] >= 40).all()
     assert set(rows["group"]) == {"A", "B"}
@@ -139,10 +139,10 @@ def test_edge_keep_mask_and_group_by(fields, tmp_path):
 def test_segment_then_embed_from_the_store(tmp_path):
     field = tiles(tmp_path / "one", 128, {"f.tif": (1, 1)}) / "f.tif"
     store = tmp_path / "one.h5"
-    run_cli("segment", field, "--out", store, *WS, "--crop", "64")
+    invoke_cli("segment", field, "--out", store, *WS, "--crop", "64")
     n = len(Store(store))
     assert 3 <= n <= 30
-    proc = run_cli("embed", store, "--store", store, "--quiet")
+    proc = invoke_cli("embed", store, "--store", store, "--quiet")
     assert f"embedded {n} images" in proc.stdout
     s = Store(store)
     assert s.done("efficientnet_lite0").all()
@@ -200,7 +200,7 @@ def test_bad_fields_are_reported_and_never_corrupt_the_store(fields, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "t005_corrupt.tif" in lines[0] and "--skip-bad" in lines[0]
     assert not store.exists()
-    proc = run_cli("segment", src, "--out", store, *WS, "--skip-bad")
+    proc = invoke_cli("segment", src, "--out", store, *WS, "--skip-bad")
     assert "(1 already done, 1 failed)" in proc.stdout  # t00 finished before the corrupt field
     assert "skipped 1 fields" in proc.stderr
     report = Path(str(store)[:-3] + ".segment-failed.csv").read_text()

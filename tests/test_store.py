@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli
 from embedkit import store as st
 from embedkit.errors import EmbedkitError
 from embedkit.sources import Item
@@ -160,4 +160,4 @@ def test_a_commit_merges_checkpoints_into_big_shards_in_row_order(tmp_path, monk
         assert np.array_equal(s.vectors("e"), x)
         reader = s._key_reader("e")
         assert len(reader.maps) == 3  # one contiguous run of rows per merged shard
-    assert "3 shards, all present" in run_cli("store", "check", path).stdout
+    assert "3 shards, all present" in invoke_cli("store", "check", path).stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli, run_cli
 
 
 def test_run_config_end_to_end_then_skips_finished_stages(lite0_store, tmp_path):
@@ -21,24 +21,24 @@ stages:
     command: view
     options: {{store: {lite0_store}, method: pca, out: {out}/pca.png, quiet: true}}
 """)
-    first = run_cli("run", cfg)
+    first = invoke_cli("run", cfg)
     assert "2 stage(s) run, 0 skipped" in first.stdout
     assert (out / "knn" / "metrics.json").exists() and (out / "pca.png").exists()
     state = json.loads((out / "run_state.json").read_text())["stages"]
     assert [state[s]["status"] for s in ("probe", "map")] == ["done", "done"]
     mtime = (out / "knn" / "metrics.json").stat().st_mtime_ns
-    second = run_cli("run", cfg)
+    second = invoke_cli("run", cfg)
     assert "0 stage(s) run, 2 skipped" in second.stdout and "[probe] done earlier; skipped" in second.stderr
     assert (out / "knn" / "metrics.json").stat().st_mtime_ns == mtime
     cfg.write_text(cfg.read_text().replace("method: pca", "method: pca, seed: 1"))  # changed options run again
-    third = run_cli("run", cfg)
+    third = invoke_cli("run", cfg)
     assert "1 stage(s) run, 1 skipped" in third.stdout
 
 
 def test_config_file_gives_defaults_and_flags_win(lite0_store, tmp_path):
     cfg = tmp_path / "probe.yaml"
     cfg.write_text("heads: logreg\nseeds: 1\nn-boot: 100\nquiet: true\nout: %s\n" % (tmp_path / "a"))
-    run_cli("probe", lite0_store, "--config", cfg, "--heads", "knn")
+    invoke_cli("probe", lite0_store, "--config", cfg, "--heads", "knn")
     assert (tmp_path / "a" / "knn").is_dir() and not (tmp_path / "a" / "logreg").exists()
 
 

@@ -6,7 +6,7 @@ import json
 
 import h5py
 import numpy as np
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 KEY = "efficientnet_lite0"
 
@@ -34,7 +34,7 @@ def test_tsne_is_saved_in_the_store_and_redrawn_without_recomputing(lite0_store,
     from embedkit.store import Store
     from embedkit.store_index import load_vectors
 
-    out = run_cli("view", lite0_store, "--method", "tsne", "--out", tmp_path / "tsne.png", "--quiet").stdout
+    out = invoke_cli("view", lite0_store, "--method", "tsne", "--out", tmp_path / "tsne.png", "--quiet").stdout
     assert "computed t-SNE of 320 rows" in out and f"saved to /views/{KEY}/tsne" in out
     with h5py.File(lite0_store, "r") as f:
         ds = f["views"][KEY]["tsne"]
@@ -44,8 +44,8 @@ def test_tsne_is_saved_in_the_store_and_redrawn_without_recomputing(lite0_store,
     _, x = load_vectors(Store(lite0_store), KEY)
     assert _preserved(x, coords) > 0.3  # a map that keeps neighbourhoods (a random one keeps about 0.03)
     _png(tmp_path / "tsne.png")
-    again = run_cli("view", lite0_store, "--method", "tsne", "--color", "group", "--thumbnails", "--max-thumbnails", "100",
-                    "--out", tmp_path / "thumbs.png").stdout
+    again = invoke_cli("view", lite0_store, "--method", "tsne", "--color", "group", "--thumbnails", "--max-thumbnails",
+                       "100", "--out", tmp_path / "thumbs.png").stdout
     assert "reusing the saved t-SNE" in again
     with h5py.File(lite0_store, "r") as f:
         assert np.array_equal(f["views"][KEY]["tsne"][:], coords)
@@ -72,11 +72,12 @@ def test_umap_and_pca_coloured_by_probe_predictions(lite0_store, tmp_path):
     pred = predictions_frame(s.ids[rows][:200], groups[:200], labels[:200], proba[:200], classes)
     pred.to_csv(tmp_path / "predictions.csv", index=False)
     wrong = int((pred["pred"] != pred["true"]).sum())
-    out = run_cli("view", lite0_store, "--method", "pca", "--predictions", tmp_path / "predictions.csv",
-                  "--out", tmp_path / "pca.png").stdout
+    out = invoke_cli("view", lite0_store, "--method", "pca", "--predictions", tmp_path / "predictions.csv",
+                     "--out", tmp_path / "pca.png").stdout
     assert "200 predicted items" in out and f"{wrong} misclassified items marked" in out and 0 < wrong < 200
     _png(tmp_path / "pca.png")
-    out = run_cli("view", lite0_store, "--method", "umap", "--n-neighbors", "10", "--out", tmp_path / "umap.png", "--quiet").stdout
+    out = invoke_cli("view", lite0_store, "--method", "umap", "--n-neighbors", "10", "--out", tmp_path / "umap.png",
+                     "--quiet").stdout
     assert "computed UMAP of 320 rows" in out
     with h5py.File(lite0_store, "r") as f:
         assert set(f["views"][KEY]) == {"pca", "umap"}

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MITOCHECK, ROOT, run_cli
+from conftest import MITOCHECK, ROOT, invoke_cli
 
 # A finished one-epoch fine-tuning run costs seconds: one 32-image batch at 32 px, small val/test parts.
 TINY_FT = ["--group-by", "mitocheck", "--test-size", "0.1", "--val-size", "0.1", "--samples-per-epoch", "32",
@@ -60,15 +60,17 @@ def assert_refused(proc: subprocess.CompletedProcess, *expected: str) -> None:
 
 @pytest.fixture(scope="module")
 def probe_dir(lite0_store_ro, tmp_path_factory) -> Path:
+    """A saved logreg probe of the sample store (one split, no baselines: the cases only need a valid probe)."""
     out = tmp_path_factory.mktemp("faults-probe")
-    run_cli("probe", lite0_store_ro, "--heads", "logreg", "--out", out, "--quiet")
+    invoke_cli("probe", lite0_store_ro, "--heads", "logreg", "--seeds", "1", "--n-boot", "100", "--no-baselines", "--out", out,
+               "--quiet")
     return out / "logreg" / "probe"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults-ft") / "ft"
-    run_cli("finetune", MITOCHECK, "--out", out, *TINY_FT, env=ONE_THREAD)
+    invoke_cli("finetune", MITOCHECK, "--out", out, *TINY_FT, env=ONE_THREAD)
     return out
 
 
@@ -204,8 +206,7 @@ def test_finetune_refuses_damaged_checkpoints_and_never_unpickles(case, expected
 def test_a_pickled_state_is_discarded_by_restart(finished_run, tmp_path):
     out = _unfinished(finished_run, tmp_path)
     (out / "train_state.pt").write_bytes(pickle.dumps({"model": _Mkdir(str(tmp_path / "pwned"))}))
-    proc = _cli("finetune", MITOCHECK, "--out", out, "--restart", *TINY_FT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    invoke_cli("finetune", MITOCHECK, "--out", out, "--restart", *TINY_FT)
     assert not (out / "train_state.pt").exists() and not (tmp_path / "pwned").exists()
     assert json.loads((out / "history.json").read_text())["finished"]
 
@@ -276,6 +277,5 @@ def test_full_disk_during_finetune_leaves_no_temp_files_and_reruns(tmp_path):
     proc = _cli("finetune", MITOCHECK, "--out", out, *TINY_FT, fsize=200_000)  # the checkpoint is ~1.5 MB
     assert_refused(proc, "disk full while writing", "model.safetensors")
     assert not _temps(tmp_path) and not (out / "model.safetensors").exists()
-    done = _cli("finetune", MITOCHECK, "--out", out, *TINY_FT)  # space freed: the same command succeeds
-    assert done.returncode == 0, done.stderr[-2000:]
+    invoke_cli("finetune", MITOCHECK, "--out", out, *TINY_FT)  # space freed: the same command succeeds
     assert json.loads((out / "history.json").read_text())["finished"]
