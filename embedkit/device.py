@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -20,6 +21,12 @@ def resolve_device(device: str = "auto", allow_mps: bool = True) -> torch.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EmbedkitError("--device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
     return torch.device(device)
+
+
+def use_cpu_threads() -> None:
+    """Run torch's CPU kernels on every core, unless ``OMP_NUM_THREADS`` sets the count (e.g. one per test worker)."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 def autocast(device: torch.device, enabled: bool = True):

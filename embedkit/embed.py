@@ -22,7 +22,7 @@ from . import store as st
 from .configdiff import describe_differences
 from .store.schema import upgrade_message
 from .store.writing import append_items, commit_embedding
-from .device import autocast, resolve_device, worker_init
+from .device import autocast, resolve_device, use_cpu_threads, worker_init
 from .encoders import Encoder, Preprocess
 from .engines.preprocess import device_batch, group_by_shape, resize_normalise
 from .errors import BadImageError, EmbedkitError
@@ -369,8 +369,8 @@ def _run(work: EmbedWork, dev: torch.device, workers: int | None, on_device: boo
     cuda = dev.type == "cuda"
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else (1 if (os.cpu_count() or 1) > 1 else 0)
-    if not cuda and not os.environ.get("OMP_NUM_THREADS"):  # every core, unless OMP_NUM_THREADS says otherwise
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not cuda:
+        use_cpu_threads()
     ds = work.dataset(raw=on_device)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=work.batch_size, shuffle=False, num_workers=workers, collate_fn=collate_raw if on_device else collate,
